@@ -1,0 +1,574 @@
+//! Configuration: the YAML schema, env references, and validation into the model the proxy runs on.
+//!
+//! The file is deserialised into [`schema::RawConfig`] (unknown keys rejected, with the key path
+//! named), then [`validate`] turns it into [`Config`]: secrets resolved, URLs parsed, references
+//! checked. Nothing downstream re-checks config.
+
+pub mod schema;
+pub mod secret;
+pub mod units;
+
+use schema::{RawConfig, RawKey, RawUpstream, UpstreamKind};
+use secret::Secret;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+/// Default `limits.max_body`: 32 MiB.
+pub const DEFAULT_MAX_BODY: usize = 32 << 20;
+
+/// The validated configuration the proxy runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Models in file order.
+    pub models: Vec<ModelConfig>,
+    /// Pass-through routes in file order.
+    pub routes: Vec<RouteConfig>,
+    /// Process settings.
+    pub server: ServerSettings,
+    /// Address of the built-in demo upstream, if enabled.
+    pub demo_upstream: Option<SocketAddr>,
+}
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted on API routes, in bytes.
+    pub max_body: usize,
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Name as written under `upstreams:`.
+    pub name: String,
+    /// API flavour.
+    pub kind: UpstreamKind,
+    /// Replicas.
+    pub endpoints: Vec<Endpoint>,
+    /// Credentials (may be empty).
+    pub keys: Vec<UpstreamKey>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Attempts in all, first try included.
+    pub max_attempts: usize,
+    /// Streams per h2 connection.
+    pub max_h2_streams: usize,
+    /// Verify upstream certificates.
+    pub verify_tls: bool,
+    /// SNI override.
+    pub sni: Option<String>,
+    /// Hostname re-resolution interval.
+    pub dns_refresh: Duration,
+}
+
+/// One replica base URL, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The URL as written (no secrets in it).
+    pub url: String,
+    /// https?
+    pub tls: bool,
+    /// Host name or literal IP as written (no brackets).
+    pub host: String,
+    /// Port (explicit or the scheme's default).
+    pub port: u16,
+    /// Value for the `Host` header.
+    pub authority: String,
+    /// Path prefix prepended to forwarded paths ("" when none).
+    pub base_path: String,
+    /// Set when the host is a literal IP or `localhost`: no DNS needed.
+    pub literal_ip: Option<IpAddr>,
+}
+
+/// One upstream credential.
+#[derive(Debug, Clone)]
+pub struct UpstreamKey {
+    /// Stable id shown in logs and metrics.
+    pub id: String,
+    /// The secret.
+    pub secret: Secret,
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    pub connect: Duration,
+    /// Request sent → response header.
+    pub first_byte: Duration,
+    /// Longest silence while reading the response body.
+    pub idle: Duration,
+    /// Whole exchange.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(600),
+            idle: Duration::from_secs(300),
+            total: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A model clients can ask for.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// Name clients use.
+    pub name: String,
+    /// Upstream name.
+    pub upstream: String,
+    /// Upstream model id when it differs from `name`.
+    pub upstream_model: Option<String>,
+}
+
+/// A pass-through route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Path prefix.
+    pub prefix: String,
+    /// Upstream name.
+    pub upstream: String,
+    /// Remove the prefix before forwarding.
+    pub strip_prefix: bool,
+}
+
+/// Process-level settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Proxy worker threads.
+    pub threads: usize,
+    /// PID file.
+    pub pid_file: String,
+    /// Upgrade socket.
+    pub upgrade_sock: String,
+    /// Grace period on shutdown.
+    pub grace_period: Duration,
+}
+
+/// Everything wrong with a config file, each problem with its key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// One line per problem: `path: message`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(msg: impl Into<String>) -> Self {
+        Self {
+            problems: vec![msg.into()],
+        }
+    }
+}
+
+/// Reads and validates a config file, resolving env references from the process environment.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
+    from_yaml_str(&text, &|name| std::env::var(name).ok())
+}
+
+/// Parses and validates YAML text; `env` resolves `os.environ/NAME` and `${NAME}`.
+pub fn from_yaml_str(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path.is_empty() || path == "." {
+            ConfigError::one(inner)
+        } else {
+            ConfigError::one(format!("{path}: {inner}"))
+        }
+    })?;
+    validate(raw, env)
+}
+
+/// Turns the raw file into the validated model, collecting every problem.
+pub fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+
+    let mut listen = Vec::new();
+    if raw.listen.is_empty() {
+        problems.push("listen: at least one address is required".to_string());
+    }
+    for (i, l) in raw.listen.iter().enumerate() {
+        match l.parse::<SocketAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => problems.push(format!(
+                "listen[{i}]: {l:?} is not an IP:port address (e.g. 127.0.0.1:8080)"
+            )),
+        }
+    }
+
+    let max_body = match raw.limits.max_body {
+        Some(s) if s.0 == 0 => {
+            problems.push("limits.max_body: must be greater than 0".to_string());
+            DEFAULT_MAX_BODY
+        }
+        Some(s) => usize::try_from(s.0).unwrap_or(usize::MAX),
+        None => DEFAULT_MAX_BODY,
+    };
+
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in raw.upstreams {
+        if let Some(up) = validate_upstream(&name, u, env, &mut problems) {
+            upstreams.insert(name, up);
+        }
+    }
+
+    let mut models = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, m) in raw.models.into_iter().enumerate() {
+        if m.name.is_empty() {
+            problems.push(format!("models[{i}].name: must not be empty"));
+        }
+        if !seen.insert(m.name.clone()) {
+            problems.push(format!("models[{i}].name: duplicate model {:?}", m.name));
+        }
+        if !upstreams.contains_key(&m.upstream) {
+            problems.push(format!(
+                "models[{i}].upstream: unknown upstream {:?}",
+                m.upstream
+            ));
+        }
+        let upstream_model = m.model.filter(|um| um != &m.name);
+        models.push(ModelConfig {
+            name: m.name,
+            upstream: m.upstream,
+            upstream_model,
+        });
+    }
+
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        if !r.prefix.starts_with('/') {
+            problems.push(format!("routes[{i}].prefix: must start with '/'"));
+        }
+        if !upstreams.contains_key(&r.upstream) {
+            problems.push(format!(
+                "routes[{i}].upstream: unknown upstream {:?}",
+                r.upstream
+            ));
+        }
+        routes.push(RouteConfig {
+            prefix: r.prefix,
+            upstream: r.upstream,
+            strip_prefix: r.strip_prefix,
+        });
+    }
+
+    let server = ServerSettings {
+        threads: raw.server.threads.unwrap_or(1).max(1),
+        pid_file: raw
+            .server
+            .pid_file
+            .unwrap_or_else(|| "/tmp/llm-edge.pid".to_string()),
+        upgrade_sock: raw
+            .server
+            .upgrade_sock
+            .unwrap_or_else(|| "/tmp/llm-edge-upgrade.sock".to_string()),
+        grace_period: raw
+            .server
+            .grace_period
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30)),
+    };
+
+    let demo_upstream = match raw.demo_upstream {
+        Some(d) => match d.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!(
+                    "demo_upstream.listen: {:?} is not an IP:port address",
+                    d.listen
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    Ok(Config {
+        listen,
+        limits: Limits { max_body },
+        upstreams,
+        models,
+        routes,
+        server,
+        demo_upstream,
+    })
+}
+
+fn validate_upstream(
+    name: &str,
+    u: RawUpstream,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<UpstreamConfig> {
+    let before = problems.len();
+    let at = format!("upstreams.{name}");
+    if u.endpoints.is_empty() {
+        problems.push(format!("{at}.endpoints: at least one endpoint is required"));
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in u.endpoints.iter().enumerate() {
+        match parse_endpoint(e) {
+            Ok(ep) => endpoints.push(ep),
+            Err(why) => problems.push(format!("{at}.endpoints[{i}]: {why}")),
+        }
+    }
+    let mut keys = Vec::new();
+    let mut ids = HashSet::new();
+    for (i, k) in u.keys.into_iter().enumerate() {
+        let (id, raw_secret) = match k {
+            RawKey::Bare(s) => (None, s),
+            RawKey::Full(f) => (f.id, f.key),
+        };
+        let secret = match secret::resolve(&raw_secret, env) {
+            Ok(s) if s.is_empty() => {
+                problems.push(format!("{at}.keys[{i}]: the key is empty"));
+                continue;
+            }
+            Ok(s) => s,
+            Err(why) => {
+                problems.push(format!("{at}.keys[{i}]: {why}"));
+                continue;
+            }
+        };
+        if secret.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            problems.push(format!(
+                "{at}.keys[{i}]: the key contains control characters"
+            ));
+            continue;
+        }
+        let id = id.unwrap_or_else(|| derived_key_id(&secret));
+        if !ids.insert(id.clone()) {
+            problems.push(format!("{at}.keys[{i}].id: duplicate key id {id:?}"));
+        }
+        keys.push(UpstreamKey {
+            id,
+            secret: Secret::new(secret),
+        });
+    }
+    let d = Timeouts::default();
+    let timeouts = Timeouts {
+        connect: u.timeouts.connect.map(|t| t.0).unwrap_or(d.connect),
+        first_byte: u.timeouts.first_byte.map(|t| t.0).unwrap_or(d.first_byte),
+        idle: u.timeouts.idle.map(|t| t.0).unwrap_or(d.idle),
+        total: u.timeouts.total.map(|t| t.0).unwrap_or(d.total),
+    };
+    for (field, v) in [
+        ("connect", timeouts.connect),
+        ("first_byte", timeouts.first_byte),
+        ("idle", timeouts.idle),
+        ("total", timeouts.total),
+    ] {
+        if v.is_zero() {
+            problems.push(format!("{at}.timeouts.{field}: must be greater than 0"));
+        }
+    }
+    let max_attempts = u.retries.max_attempts.unwrap_or(3);
+    if max_attempts == 0 {
+        problems.push(format!("{at}.retries.max_attempts: must be at least 1"));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(UpstreamConfig {
+        name: name.to_string(),
+        kind: u.kind,
+        endpoints,
+        keys,
+        timeouts,
+        max_attempts,
+        max_h2_streams: u.max_h2_streams.unwrap_or(100).max(1),
+        verify_tls: u.tls.verify.unwrap_or(true),
+        sni: u.tls.sni,
+        dns_refresh: u
+            .dns_refresh
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30))
+            .max(Duration::from_secs(1)),
+    })
+}
+
+/// A key id derived from the secret: `key-` and 8 hex digits of its SHA-256.
+pub fn derived_key_id(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("key-{hex}")
+}
+
+/// Parses `http(s)://host[:port][/base]`.
+pub fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => return Err(format!("scheme {other:?} is not http or https")),
+        None => return Err(format!("{url:?} has no scheme (use http:// or https://)")),
+    };
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in the URL are not supported; use keys:".to_string());
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err("a query string is not allowed in an endpoint".to_string());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    let literal_ip = if host.eq_ignore_ascii_case("localhost") {
+        Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    } else {
+        host.parse::<IpAddr>().ok()
+    };
+    Ok(Endpoint {
+        url: url.to_string(),
+        tls,
+        host,
+        port,
+        authority: authority.as_str().to_string(),
+        base_path,
+        literal_ip,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "VLLM_KEY").then(|| "vllm-secret-token-0001".to_string())
+    }
+
+    const ISSUE_FORM: &str = r#"
+listen: ["127.0.0.1:8080"]
+upstreams:
+  local-vllm:
+    kind: vllm
+    endpoints: ["http://127.0.0.1:8000"]
+    keys: [os.environ/VLLM_KEY]
+models:
+  - name: qwen
+    upstream: local-vllm
+    model: Qwen/Qwen2.5-7B-Instruct
+routes:
+  - prefix: /raw/
+    upstream: local-vllm
+    strip_prefix: true
+"#;
+
+    #[test]
+    fn issue_form_loads() {
+        let c = from_yaml_str(ISSUE_FORM, &env).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        let u = &c.upstreams["local-vllm"];
+        assert_eq!(u.kind, UpstreamKind::Vllm);
+        assert_eq!(u.endpoints[0].port, 8000);
+        assert_eq!(u.keys[0].secret.expose(), "vllm-secret-token-0001");
+        assert!(u.keys[0].id.starts_with("key-"));
+        assert_eq!(
+            c.models[0].upstream_model.as_deref(),
+            Some("Qwen/Qwen2.5-7B-Instruct")
+        );
+        assert!(c.routes[0].strip_prefix);
+        assert_eq!(c.limits.max_body, DEFAULT_MAX_BODY);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = ISSUE_FORM.replace("strip_prefix: true", "strip_prefix: true\n    colour: red");
+        let e = from_yaml_str(&text, &env).unwrap_err().to_string();
+        assert!(e.contains("routes[0]"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named() {
+        let e = from_yaml_str(ISSUE_FORM, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstreams.local-vllm.keys[0]"), "{e}");
+        assert!(e.contains("VLLM_KEY"), "{e}");
+    }
+
+    #[test]
+    fn bad_references_are_all_reported() {
+        let text = r#"
+upstreams:
+  a: {kind: openai, endpoints: ["ftp://x"]}
+models:
+  - {name: m, upstream: nope}
+routes:
+  - {prefix: raw, upstream: nope}
+"#;
+        let e = from_yaml_str(text, &env).unwrap_err();
+        let all = e.to_string();
+        assert!(all.contains("upstreams.a.endpoints[0]"), "{all}");
+        assert!(all.contains("models[0].upstream"), "{all}");
+        assert!(all.contains("routes[0].prefix"), "{all}");
+        assert!(all.contains("routes[0].upstream"), "{all}");
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        let e = parse_endpoint("https://api.openai.com").unwrap();
+        assert!(e.tls);
+        assert_eq!(e.port, 443);
+        assert_eq!(e.literal_ip, None);
+        let e = parse_endpoint("http://[::1]:9000/base/").unwrap();
+        assert_eq!(e.host, "::1");
+        assert_eq!(e.base_path, "/base");
+        assert_eq!(e.authority, "[::1]:9000");
+        assert!(e.literal_ip.is_some());
+        assert!(parse_endpoint("http://user:pw@host").is_err());
+        assert!(parse_endpoint("localhost:80").is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! `llm-edge` command line: parse flags, load the config, run the server.
+
+use clap::Parser;
+use llm_edge::server::{EdgeServer, RunOptions};
+use pingora::server::RunArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Edge reverse proxy for LLM traffic.
+#[derive(Parser, Debug)]
+#[command(name = "llm-edge", version, about)]
+struct Cli {
+    /// Config file (YAML).
+    #[arg(
+        short = 'c',
+        long = "conf",
+        default_value = "/etc/llm-edge/llm-edge.yaml"
+    )]
+    conf: PathBuf,
+    /// Test the config file and exit (0 when valid), like `nginx -t`.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Take over the listeners of a running instance (graceful upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LLM_EDGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match llm_edge::config::load_file(&cli.conf) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "llm-edge: configuration file {} test failed:",
+                cli.conf.display()
+            );
+            for p in &e.problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.test {
+        println!(
+            "llm-edge: configuration file {} test is successful",
+            cli.conf.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for addr in &cfg.listen {
+        tracing::info!("listening on {addr}");
+    }
+    let server = EdgeServer::build(
+        cfg,
+        RunOptions {
+            upgrade: cli.upgrade,
+            daemon: cli.daemon,
+        },
+    );
+    server.run(RunArgs::default());
+    ExitCode::SUCCESS
+}

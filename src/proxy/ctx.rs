@@ -1,0 +1,70 @@
+//! Per-request state shared across Pingora phases.
+
+use crate::route::api::ApiEndpoint;
+use crate::snapshot::Snapshot;
+use crate::upstream::Upstream;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A pass-through request's routing decision.
+pub struct PassThrough {
+    /// Upstream receiving it.
+    pub upstream: Arc<Upstream>,
+    /// Path (and query) to send, prefix already stripped if asked.
+    pub path_and_query: String,
+    /// Addresses already tried (connect failures), for Pingora's retries.
+    pub tried: Vec<std::net::SocketAddr>,
+    /// Replica chosen last.
+    pub replica: Option<Arc<crate::upstream::replica::Replica>>,
+}
+
+/// State of one request.
+pub struct RequestCtx {
+    /// When the request started.
+    pub started: Instant,
+    /// Config snapshot this request uses from start to end.
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// API endpoint, for API calls.
+    pub api: Option<ApiEndpoint>,
+    /// Model the client asked for.
+    pub model: Option<String>,
+    /// Upstream name.
+    pub upstream: Option<String>,
+    /// Replica address used last.
+    pub replica: Option<String>,
+    /// Upstream key id used last.
+    pub key_id: Option<String>,
+    /// Attempts made upstream.
+    pub attempts: u32,
+    /// Our own error, when we answered with one.
+    pub error_code: Option<&'static str>,
+    /// Set once a response header went downstream (no retry, no second response after that).
+    pub responded: bool,
+    /// Pass-through routing, when the request takes Pingora's proxy path.
+    pub pass_through: Option<PassThrough>,
+}
+
+impl RequestCtx {
+    /// A fresh context.
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            snapshot: None,
+            api: None,
+            model: None,
+            upstream: None,
+            replica: None,
+            key_id: None,
+            attempts: 0,
+            error_code: None,
+            responded: false,
+            pass_through: None,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

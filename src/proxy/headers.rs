@@ -1,0 +1,174 @@
+//! Header rules between client, llm-edge and upstream: hop-by-hop removal, client credentials
+//! never forwarded, upstream credentials added the way the upstream kind expects.
+
+use crate::config::Endpoint;
+use crate::upstream::keys::PooledKey;
+use http::header::{self, HeaderName};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus legacy ones; never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Client headers that are ours to set toward the upstream.
+const NOT_FORWARDED_ON_API_CALLS: [&str; 6] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "expect",
+    // The body is observed (usage, traces), so ask for it uncompressed.
+    "accept-encoding",
+    "http2-settings",
+];
+
+/// Client credentials: never forwarded upstream.
+pub const CLIENT_CREDENTIALS: [&str; 2] = ["authorization", "x-api-key"];
+
+fn connection_nominated(headers: &http::HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Builds the request sent upstream for an API call: the client's end-to-end headers minus
+/// credentials, plus `Host`, an exact `Content-Length` and the upstream key.
+pub fn upstream_api_request(
+    client: &RequestHeader,
+    path_and_query: &str,
+    endpoint: &Endpoint,
+    key: Option<&PooledKey>,
+    body_len: usize,
+) -> pingora::Result<RequestHeader> {
+    let path = format!("{}{}", endpoint.base_path, path_and_query);
+    let mut req = RequestHeader::build(
+        client.method.clone(),
+        path.as_bytes(),
+        Some(client.headers.len() + 3),
+    )?;
+    let nominated = connection_nominated(&client.headers);
+    for (name, value) in client.headers.iter() {
+        let n = name.as_str();
+        if is_hop_by_hop(name)
+            || NOT_FORWARDED_ON_API_CALLS.contains(&n)
+            || CLIENT_CREDENTIALS.contains(&n)
+            || nominated.contains(name)
+        {
+            continue;
+        }
+        req.append_header(name.clone(), value.clone())?;
+    }
+    req.insert_header(header::HOST, endpoint.authority.as_str())?;
+    req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+    if let Some(k) = key {
+        req.insert_header(k.header.clone(), k.value.clone())?;
+    }
+    Ok(req)
+}
+
+/// Rewrites a pass-through request in place: new path, `Host`, client credentials removed,
+/// upstream key added. Pingora itself strips hop-by-hop headers on this path.
+pub fn rewrite_passthrough_request(
+    req: &mut RequestHeader,
+    path_and_query: &str,
+    endpoint: &Endpoint,
+    key: Option<&PooledKey>,
+) -> pingora::Result<()> {
+    let path = format!("{}{}", endpoint.base_path, path_and_query);
+    let uri: http::Uri = path.parse().map_err(|e| {
+        pingora::Error::because(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "rewriting the pass-through path",
+            e,
+        )
+    })?;
+    req.set_uri(uri);
+    for c in CLIENT_CREDENTIALS {
+        req.remove_header(c);
+    }
+    req.insert_header(header::HOST, endpoint.authority.as_str())?;
+    if let Some(k) = key {
+        req.insert_header(k.header.clone(), k.value.clone())?;
+    }
+    Ok(())
+}
+
+/// The response header sent downstream for an upstream response: same status and end-to-end
+/// headers; `Content-Length` kept so the framing stays the upstream's.
+pub fn downstream_response(upstream: &ResponseHeader) -> pingora::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len()))?;
+    let nominated = connection_nominated(&upstream.headers);
+    let chunked = upstream.headers.get(header::TRANSFER_ENCODING).is_some();
+    for (name, value) in upstream.headers.iter() {
+        if is_hop_by_hop(name) || name == header::TRANSFER_ENCODING || nominated.contains(name) {
+            continue;
+        }
+        // A message with both framings is read as chunked (RFC 9112 §6.3); drop the length.
+        if chunked && name == header::CONTENT_LENGTH {
+            continue;
+        }
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_endpoint;
+
+    #[test]
+    fn api_request_drops_client_credentials_and_hop_by_hop() {
+        let mut client = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in [
+            ("authorization", "Bearer client-secret"),
+            ("x-api-key", "client-secret"),
+            ("connection", "keep-alive, x-drop-me"),
+            ("x-drop-me", "1"),
+            ("content-length", "999"),
+            ("anthropic-version", "2023-06-01"),
+            ("x-custom", "kept"),
+            ("host", "proxy.local"),
+        ] {
+            client.append_header(k, v).unwrap();
+        }
+        let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
+        let req = upstream_api_request(&client, "/v1/chat/completions?x=1", &ep, None, 42).unwrap();
+        assert_eq!(req.uri.to_string(), "/base/v1/chat/completions?x=1");
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("x-api-key").is_none());
+        assert!(req.headers.get("connection").is_none());
+        assert!(req.headers.get("x-drop-me").is_none());
+        assert_eq!(req.headers["content-length"], "42");
+        assert_eq!(req.headers["host"], "10.0.0.1:8000");
+        assert_eq!(req.headers["anthropic-version"], "2023-06-01");
+        assert_eq!(req.headers["x-custom"], "kept");
+    }
+
+    #[test]
+    fn response_keeps_length_and_drops_hop_by_hop() {
+        let mut up = ResponseHeader::build(200, None).unwrap();
+        up.append_header("content-length", "10").unwrap();
+        up.append_header("connection", "close").unwrap();
+        up.append_header("x-request-id", "abc").unwrap();
+        let d = downstream_response(&up).unwrap();
+        assert_eq!(d.headers["content-length"], "10");
+        assert!(d.headers.get("connection").is_none());
+        assert_eq!(d.headers["x-request-id"], "abc");
+    }
+}

@@ -1,0 +1,30 @@
+//! Responses llm-edge writes itself (errors, `/v1/models`).
+
+use crate::error::EdgeError;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+/// Writes a complete JSON response.
+pub async fn json(session: &mut Session, status: u16, body: Bytes) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Writes our OpenAI-shaped error response.
+pub async fn error(session: &mut Session, err: &EdgeError) -> pingora::Result<()> {
+    json(session, err.status(), err.body()).await
+}
+
+/// The SSE event that ends a stream which broke after it started.
+pub fn stream_error_event(err: &EdgeError) -> Bytes {
+    let body = err.body();
+    let mut out = Vec::with_capacity(body.len() + 10);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(&body);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}

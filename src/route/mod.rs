@@ -1,0 +1,4 @@
+//! Request routing: API path classification, model lookup, pass-through routes.
+
+pub mod api;
+pub mod table;

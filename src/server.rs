@@ -1,0 +1,117 @@
+//! Builds the Pingora server: the proxy service, the DNS refresher, the optional demo upstream.
+
+use crate::config::Config;
+use crate::demo::DemoUpstream;
+use crate::proxy::EdgeProxy;
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::upstream::dns::Dns;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Process-level switches from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Take over listeners from a running instance (`-u`).
+    pub upgrade: bool,
+    /// Detach into the background (`-d`).
+    pub daemon: bool,
+}
+
+/// A built server, ready to run.
+pub struct EdgeServer {
+    server: Server,
+    state: SharedSnapshot,
+}
+
+impl EdgeServer {
+    /// Builds every service from a validated config.
+    pub fn build(cfg: Config, opts: RunOptions) -> Self {
+        let conf = ServerConf {
+            threads: cfg.server.threads,
+            pid_file: cfg.server.pid_file.clone(),
+            upgrade_sock: cfg.server.upgrade_sock.clone(),
+            grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
+            graceful_shutdown_timeout_seconds: Some(5),
+            daemon: opts.daemon,
+            ..ServerConf::default()
+        };
+        let opt = Opt {
+            upgrade: opts.upgrade,
+            daemon: opts.daemon,
+            ..Opt::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(opt, conf);
+        server.bootstrap();
+
+        let dns = Arc::new(Dns::new());
+        let listen = cfg.listen.clone();
+        let demo = cfg.demo_upstream;
+        let state: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(cfg, &dns)));
+
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            EdgeProxy::new(state.clone()),
+            "llm-edge proxy",
+        );
+        for addr in &listen {
+            proxy.add_tcp(&addr.to_string());
+        }
+        server.add_service(proxy);
+        server.add_service(background_service(
+            "upstream refresher",
+            Refresher {
+                state: state.clone(),
+            },
+        ));
+        if let Some(addr) = demo {
+            let mut svc = pingora::proxy::http_proxy_service_with_name(
+                &server.configuration,
+                DemoUpstream,
+                "demo upstream",
+            );
+            svc.add_tcp(&addr.to_string());
+            server.add_service(svc);
+        }
+        Self { server, state }
+    }
+
+    /// The shared config snapshot (for reloads and admin views).
+    pub fn state(&self) -> SharedSnapshot {
+        self.state.clone()
+    }
+
+    /// Runs until a shutdown signal (SIGTERM/SIGINT/SIGQUIT by default).
+    pub fn run(self, args: RunArgs) {
+        self.server.run(args)
+    }
+}
+
+/// Re-resolves upstream hostnames periodically (first pass at start).
+struct Refresher {
+    state: SharedSnapshot,
+}
+
+#[async_trait]
+impl BackgroundService for Refresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let snap = self.state.load_full();
+            let mut every = Duration::from_secs(30);
+            for up in snap.upstreams.values() {
+                if up.needs_dns() {
+                    up.refresh().await;
+                    every = every.min(up.cfg.dns_refresh);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

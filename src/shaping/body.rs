@@ -1,0 +1,297 @@
+//! Top-level JSON body edits that keep every untouched byte as the client sent it.
+//!
+//! The body is parsed once into an ordered list of `(key, raw value)` pairs borrowed from the
+//! input; an edit splices replacement bytes into the original buffer. Messages and every other
+//! value are never re-serialised (DESIGN hot-path rules; benchmarked in `benches/hot.rs`).
+
+use crate::error::EdgeError;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+/// A parsed JSON object: its top-level keys and the byte ranges of their values.
+#[derive(Debug)]
+pub struct TopLevel<'a> {
+    body: &'a [u8],
+    entries: Vec<Entry<'a>>,
+    /// Offset of the closing `}` of the object.
+    close: usize,
+}
+
+#[derive(Debug)]
+struct Entry<'a> {
+    key: Cow<'a, str>,
+    value: &'a RawValue,
+    /// Range of the value in `body`.
+    span: Range<usize>,
+}
+
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    out.push((k.0, v));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> TopLevel<'a> {
+    /// Parses `body`, which must be a JSON object.
+    pub fn parse(body: &'a [u8]) -> Result<Self, EdgeError> {
+        let entries: Entries<'a> = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                EdgeError::InvalidJson("the body must be a JSON object".to_string())
+            } else {
+                EdgeError::InvalidJson(e.to_string())
+            }
+        })?;
+        let base = body.as_ptr() as usize;
+        let entries = entries
+            .0
+            .into_iter()
+            .map(|(key, value)| {
+                // RawValue borrows from `body`, so its offset is its address minus the base.
+                let start = value.get().as_ptr() as usize - base;
+                let span = start..start + value.get().len();
+                Entry { key, value, span }
+            })
+            .collect();
+        let close = body
+            .iter()
+            .rposition(|&b| b == b'}')
+            .ok_or_else(|| EdgeError::InvalidJson("the body must be a JSON object".into()))?;
+        Ok(Self {
+            body,
+            entries,
+            close,
+        })
+    }
+
+    /// The raw JSON text of a top-level value (the last one if a key repeats).
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.key == key)
+            .map(|e| e.value)
+    }
+
+    /// The value of a top-level string field, unescaped.
+    pub fn get_str(&self, key: &str) -> Option<Cow<'a, str>> {
+        let raw = self.get(key)?;
+        serde_json::from_str::<Cow<'a, str>>(raw.get()).ok()
+    }
+
+    /// Whether a top-level boolean field is `true`.
+    pub fn get_bool(&self, key: &str) -> Option<bool> {
+        match self.get(key)?.get() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Top-level keys in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.key.as_ref())
+    }
+
+    /// Applies edits and returns the new body. Untouched bytes are copied as they were.
+    pub fn apply(&self, edits: &[Edit<'_>]) -> Vec<u8> {
+        // Replacements and removals are keyed by entry index; additions go before the final `}`.
+        let mut out = Vec::with_capacity(self.body.len() + 64);
+        let mut cursor = 0;
+        let mut kept = 0usize;
+        for (i, entry) in self.entries.iter().enumerate() {
+            let edit = edits.iter().rev().find(|e| e.key() == entry.key);
+            match edit {
+                Some(Edit::Set(_, value)) => {
+                    out.extend_from_slice(&self.body[cursor..entry.span.start]);
+                    out.extend_from_slice(value.as_bytes());
+                    cursor = entry.span.end;
+                    kept += 1;
+                }
+                Some(Edit::Remove(_)) => {
+                    // Drop from the start of this member (after the previous value, or the `{`)
+                    // to the end of its value; the comma handling keeps the object valid.
+                    let member_start = if i == 0 {
+                        self.opening() + 1
+                    } else {
+                        self.entries[i - 1].span.end.max(cursor)
+                    };
+                    out.extend_from_slice(&self.body[cursor..member_start]);
+                    cursor = entry.span.end;
+                    if kept == 0 {
+                        // Removing the first kept member: skip the comma that follows it.
+                        cursor = self.skip_comma(cursor);
+                    }
+                }
+                None => kept += 1,
+            }
+        }
+        out.extend_from_slice(&self.body[cursor..self.close]);
+        let mut has_members = kept > 0;
+        for edit in edits {
+            if let Edit::Set(key, value) = edit {
+                if self.entries.iter().any(|e| e.key == *key) {
+                    continue;
+                }
+                // Trim trailing whitespace before the `}` so the addition reads naturally.
+                while out.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    out.pop();
+                }
+                if has_members {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&json_string(key));
+                out.push(b':');
+                out.extend_from_slice(value.as_bytes());
+                has_members = true;
+            }
+        }
+        out.extend_from_slice(&self.body[self.close..]);
+        out
+    }
+
+    fn opening(&self) -> usize {
+        self.body.iter().position(|&b| b == b'{').unwrap_or(0)
+    }
+
+    fn skip_comma(&self, mut at: usize) -> usize {
+        while at < self.close && self.body[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if at < self.close && self.body[at] == b',' {
+            at += 1;
+        }
+        at
+    }
+}
+
+/// One top-level change.
+#[derive(Debug, Clone)]
+pub enum Edit<'v> {
+    /// Set `key` to this raw JSON text (replacing in place, or appending).
+    Set(&'v str, Cow<'v, str>),
+    /// Remove `key`.
+    Remove(&'v str),
+}
+
+impl Edit<'_> {
+    fn key(&self) -> &str {
+        match self {
+            Edit::Set(k, _) | Edit::Remove(k) => k,
+        }
+    }
+}
+
+/// A JSON string literal for `s`.
+pub fn json_string(s: &str) -> Vec<u8> {
+    // Serialising a &str to JSON cannot fail.
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_rename_touches_only_the_model_value() {
+        let body = br#"{ "model" : "qwen",  "messages":[{"role":"user","content":"h\u00e9 \"x\""}], "n":1 }"#;
+        let t = TopLevel::parse(body).unwrap();
+        assert_eq!(t.get_str("model").unwrap(), "qwen");
+        let out = t.apply(&[Edit::Set(
+            "model",
+            Cow::Owned(String::from_utf8(json_string("Qwen/Q")).unwrap()),
+        )]);
+        let expected = br#"{ "model" : "Qwen/Q",  "messages":[{"role":"user","content":"h\u00e9 \"x\""}], "n":1 }"#;
+        assert_eq!(out, expected.to_vec());
+    }
+
+    #[test]
+    fn additions_and_removals_keep_valid_json() {
+        let body = br#"{"a":1,"b":2,"c":3}"#;
+        let t = TopLevel::parse(body).unwrap();
+        let out = t.apply(&[Edit::Remove("a"), Edit::Set("d", "true".into())]);
+        assert_eq!(out, br#"{"b":2,"c":3,"d":true}"#.to_vec());
+        let out = t.apply(&[Edit::Remove("b")]);
+        assert_eq!(out, br#"{"a":1,"c":3}"#.to_vec());
+        let out = t.apply(&[Edit::Remove("c")]);
+        assert_eq!(out, br#"{"a":1,"b":2}"#.to_vec());
+        let out = t.apply(&[Edit::Remove("a"), Edit::Remove("b"), Edit::Remove("c")]);
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap();
+        let empty = TopLevel::parse(b"{ }").unwrap();
+        assert_eq!(
+            empty.apply(&[Edit::Set("x", "1".into())]),
+            br#"{"x":1}"#.to_vec()
+        );
+    }
+
+    #[test]
+    fn escaped_keys_are_matched() {
+        let t = TopLevel::parse(br#"{"mo\u0064el":"m"}"#).unwrap();
+        assert_eq!(t.get_str("model").unwrap(), "m");
+    }
+
+    #[test]
+    fn non_objects_and_garbage_are_invalid_json() {
+        for bad in [
+            &b"[1,2]"[..],
+            b"\"x\"",
+            b"{",
+            b"",
+            b"{\"a\":}",
+            b"{} trailing",
+        ] {
+            assert!(
+                matches!(TopLevel::parse(bad), Err(EdgeError::InvalidJson(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn booleans() {
+        let t = TopLevel::parse(br#"{"stream":true,"x":"true"}"#).unwrap();
+        assert_eq!(t.get_bool("stream"), Some(true));
+        assert_eq!(t.get_bool("x"), None);
+    }
+}

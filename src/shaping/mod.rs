@@ -1,0 +1,3 @@
+//! Request body shaping: top-level JSON edits.
+
+pub mod body;

@@ -1,0 +1,84 @@
+//! Upstreams at run time: replicas behind pingora-load-balancing, credentials, DNS refresh.
+
+pub mod discovery;
+pub mod dns;
+pub mod keys;
+pub mod replica;
+
+use crate::config::UpstreamConfig;
+use discovery::EndpointDiscovery;
+use dns::Dns;
+use futures::FutureExt;
+use keys::KeyPool;
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backends, LoadBalancer};
+use replica::Replica;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// How many candidates `select` looks at before giving up.
+const MAX_SELECT_ITERATIONS: usize = 256;
+
+/// One upstream, ready to serve.
+pub struct Upstream {
+    /// Validated config.
+    pub cfg: Arc<UpstreamConfig>,
+    /// Replicas, balanced round robin.
+    pub lb: LoadBalancer<RoundRobin>,
+    /// Credentials.
+    pub keys: KeyPool,
+}
+
+impl Upstream {
+    /// Builds the upstream. Literal-IP endpoints are usable at once; hostnames become usable
+    /// after the first background resolution.
+    pub fn new(cfg: UpstreamConfig, dns: Arc<Dns>) -> Self {
+        let cfg = Arc::new(cfg);
+        let discovery = EndpointDiscovery::new(cfg.clone(), dns);
+        let all_literal = cfg.endpoints.iter().all(|e| e.literal_ip.is_some());
+        let lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
+        if all_literal {
+            // Literal endpoints never await, so the first update completes synchronously.
+            if let Some(Err(e)) = lb.update().now_or_never() {
+                tracing::error!(upstream = %cfg.name, "initial backend update failed: {e}");
+            }
+        }
+        let keys = KeyPool::new(cfg.kind, &cfg.keys);
+        Self { cfg, lb, keys }
+    }
+
+    /// Re-runs discovery (DNS) and rebuilds the selector when the addresses changed.
+    pub async fn refresh(&self) {
+        if let Err(e) = self.lb.update().await {
+            tracing::warn!(upstream = %self.cfg.name, "refreshing replicas failed: {e}");
+        }
+    }
+
+    /// Whether any endpoint needs DNS.
+    pub fn needs_dns(&self) -> bool {
+        self.cfg.endpoints.iter().any(|e| e.literal_ip.is_none())
+    }
+
+    /// Picks the next replica, skipping `tried` ones and, while others are available,
+    /// passively ejected ones.
+    pub fn select_replica(&self, tried: &[SocketAddr]) -> Option<Arc<Replica>> {
+        let pick = |skip_ejected: bool| {
+            self.lb
+                .select_with(b"", MAX_SELECT_ITERATIONS, |b, healthy| {
+                    let Some(r) = b.ext.get::<Arc<Replica>>() else {
+                        return false;
+                    };
+                    healthy
+                        && !(skip_ejected && r.is_ejected())
+                        && !tried.iter().any(|t| r.peer._address.as_inet() == Some(t))
+                })
+                .and_then(|b| b.ext.get::<Arc<Replica>>().cloned())
+        };
+        pick(true).or_else(|| pick(false))
+    }
+
+    /// Number of replicas currently known.
+    pub fn replica_count(&self) -> usize {
+        self.lb.backends().get_backend().len()
+    }
+}

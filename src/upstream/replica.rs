@@ -1,0 +1,78 @@
+//! Replicas: a resolved endpoint address with its fully built `HttpPeer`, kept with each
+//! load-balancing backend so a request only selects and never builds.
+
+use crate::config::{Endpoint, UpstreamConfig};
+use pingora::protocols::ALPN;
+use pingora::upstreams::peer::HttpPeer;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a replica that refused a connection is skipped (unless every replica is down).
+pub const PASSIVE_EJECT: Duration = Duration::from_secs(10);
+
+/// One replica of an upstream at one resolved address.
+#[derive(Debug)]
+pub struct Replica {
+    /// The peer handed to Pingora's connector.
+    pub peer: HttpPeer,
+    /// Endpoint this replica came from.
+    pub endpoint: Arc<Endpoint>,
+    /// `ip:port`, for logs.
+    pub label: String,
+    /// Unix millis until which the replica is skipped after a connect failure.
+    down_until_ms: AtomicU64,
+}
+
+impl Replica {
+    /// Builds the replica and its peer at load/resolution time.
+    pub fn new(endpoint: Arc<Endpoint>, addr: SocketAddr, cfg: &UpstreamConfig) -> Self {
+        let sni = cfg.sni.clone().unwrap_or_else(|| endpoint.host.clone());
+        let mut peer = HttpPeer::new(addr, endpoint.tls, sni);
+        let o = &mut peer.options;
+        o.connection_timeout = Some(cfg.timeouts.connect);
+        o.total_connection_timeout = Some(cfg.timeouts.connect);
+        // Pass-through routes read with this; API calls set first-byte and idle timeouts per phase.
+        o.read_timeout = Some(cfg.timeouts.first_byte.max(cfg.timeouts.idle));
+        o.write_timeout = Some(cfg.timeouts.idle);
+        o.idle_timeout = Some(Duration::from_secs(60));
+        o.verify_cert = cfg.verify_tls;
+        o.verify_hostname = cfg.verify_tls;
+        o.max_h2_streams = cfg.max_h2_streams;
+        if endpoint.tls {
+            o.alpn = ALPN::H2H1;
+        }
+        Self {
+            peer,
+            label: addr.to_string(),
+            endpoint,
+            down_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a recent connect failure says to skip this replica now.
+    pub fn is_ejected(&self) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Records a connect failure: skip for [`PASSIVE_EJECT`].
+    pub fn mark_connect_failure(&self) {
+        let until = now_ms() + PASSIVE_EJECT.as_millis() as u64;
+        self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Records a success: back in rotation.
+    pub fn mark_ok(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
