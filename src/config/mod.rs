@@ -8,7 +8,8 @@ pub mod schema;
 pub mod secret;
 pub mod units;
 
-use schema::{RawConfig, RawKey, RawUpstream, UpstreamKind};
+use crate::shaping::sampling::{kind_accepts, Action, FieldPath, Policy};
+use schema::{ForwardMetadata, RawConfig, RawKey, RawSampling, RawUpstream, UpstreamKind};
 use secret::Secret;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -44,6 +45,8 @@ pub struct Config {
 pub struct Limits {
     /// Largest request body accepted on API routes, in bytes.
     pub max_body: usize,
+    /// Longest rLLM slug / session id in a path, in bytes.
+    pub max_slug: usize,
 }
 
 /// A validated upstream.
@@ -69,6 +72,10 @@ pub struct UpstreamConfig {
     pub sni: Option<String>,
     /// Hostname re-resolution interval.
     pub dns_refresh: Duration,
+    /// Upstream-level sampling policy (already merged into each model's).
+    pub sampling: Policy,
+    /// Forward rLLM metadata in the body as `metadata.rllm_metadata`.
+    pub forward_metadata: bool,
 }
 
 /// One replica base URL, parsed.
@@ -132,6 +139,8 @@ pub struct ModelConfig {
     pub upstream: String,
     /// Upstream model id when it differs from `name`.
     pub upstream_model: Option<String>,
+    /// Sampling policy: the upstream's, with the model's rules replacing same-field ones.
+    pub sampling: Policy,
 }
 
 /// A pass-through route.
@@ -241,6 +250,15 @@ pub fn validate(
         None => DEFAULT_MAX_BODY,
     };
 
+    let max_slug = match raw.limits.max_slug {
+        Some(s) if s.0 == 0 => {
+            problems.push("limits.max_slug: must be greater than 0".to_string());
+            crate::route::slug::DEFAULT_MAX_SLUG
+        }
+        Some(s) => usize::try_from(s.0).unwrap_or(usize::MAX),
+        None => crate::route::slug::DEFAULT_MAX_SLUG,
+    };
+
     let mut upstreams = BTreeMap::new();
     for (name, u) in raw.upstreams {
         if let Some(up) = validate_upstream(&name, u, env, &mut problems) {
@@ -264,10 +282,21 @@ pub fn validate(
             ));
         }
         let upstream_model = m.model.filter(|um| um != &m.name);
+        let mut sampling = Policy::default();
+        if let Some(up) = upstreams.get(&m.upstream) {
+            let own = validate_sampling(
+                &format!("models[{i}].sampling"),
+                m.sampling.unwrap_or_default(),
+                up.kind,
+                &mut problems,
+            );
+            sampling = up.sampling.merged_with(&own);
+        }
         models.push(ModelConfig {
             name: m.name,
             upstream: m.upstream,
             upstream_model,
+            sampling,
         });
     }
 
@@ -325,7 +354,7 @@ pub fn validate(
     }
     Ok(Config {
         listen,
-        limits: Limits { max_body },
+        limits: Limits { max_body, max_slug },
         upstreams,
         models,
         routes,
@@ -402,6 +431,12 @@ fn validate_upstream(
             problems.push(format!("{at}.timeouts.{field}: must be greater than 0"));
         }
     }
+    let sampling = validate_sampling(
+        &format!("{at}.sampling"),
+        u.sampling.unwrap_or_default(),
+        u.kind,
+        problems,
+    );
     let max_attempts = u.retries.max_attempts.unwrap_or(3);
     if max_attempts == 0 {
         problems.push(format!("{at}.retries.max_attempts: must be at least 1"));
@@ -424,7 +459,61 @@ fn validate_upstream(
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(30))
             .max(Duration::from_secs(1)),
+        sampling,
+        forward_metadata: u.forward_metadata == Some(ForwardMetadata::Body),
     })
+}
+
+/// Checks field names and that the upstream kind accepts what is injected.
+fn validate_sampling(
+    at: &str,
+    raw: RawSampling,
+    kind: UpstreamKind,
+    problems: &mut Vec<String>,
+) -> Policy {
+    let mut rules: Vec<(FieldPath, Action)> = Vec::new();
+    let mut add = |section: &str, name: &str, action: Action, problems: &mut Vec<String>| {
+        let field = match FieldPath::parse(name) {
+            Ok(f) => f,
+            Err(why) => {
+                problems.push(format!("{at}.{section}.{name}: {why}"));
+                return;
+            }
+        };
+        if field.top == "model" || field.top == "messages" {
+            problems.push(format!(
+                "{at}.{section}.{name}: the policy cannot change {}",
+                field.top
+            ));
+            return;
+        }
+        if !matches!(action, Action::Drop) {
+            if let Err(why) = kind_accepts(kind, &field) {
+                problems.push(format!(
+                    "{at}.{section}.{name}: {why} (upstream kind {})",
+                    kind.as_str()
+                ));
+                return;
+            }
+        }
+        if rules.iter().any(|(f, _)| f == &field) {
+            problems.push(format!(
+                "{at}.{section}.{name}: field appears in more than one section"
+            ));
+            return;
+        }
+        rules.push((field, action));
+    };
+    for (name, v) in raw.set_if_absent {
+        add("set_if_absent", &name, Action::SetIfAbsent(v), problems);
+    }
+    for (name, v) in raw.override_ {
+        add("override", &name, Action::Override(v), problems);
+    }
+    for name in raw.drop {
+        add("drop", &name, Action::Drop, problems);
+    }
+    Policy { rules }
 }
 
 /// A key id derived from the secret: `key-` and 8 hex digits of its SHA-256.
@@ -555,6 +644,43 @@ routes:
         assert!(all.contains("models[0].upstream"), "{all}");
         assert!(all.contains("routes[0].prefix"), "{all}");
         assert!(all.contains("routes[0].upstream"), "{all}");
+    }
+
+    #[test]
+    fn sampling_is_merged_and_checked_against_the_kind() {
+        let text = r#"
+upstreams:
+  v: {kind: vllm, endpoints: ["http://127.0.0.1:1"], sampling: {set_if_absent: {logprobs: true, temperature: 0.7}}}
+  o: {kind: openai, endpoints: ["https://127.0.0.1:1"]}
+models:
+  - name: q
+    upstream: v
+    sampling:
+      set_if_absent: {logprobs: true, return_token_ids: true}
+      override: {"stream_options.include_usage": true}
+      drop: [temperature]
+"#;
+        let c = from_yaml_str(text, &env).unwrap();
+        let rules = &c.models[0].sampling.rules;
+        assert_eq!(rules.len(), 4, "{rules:?}");
+        assert!(rules
+            .iter()
+            .any(|(f, a)| f.top == "temperature" && *a == Action::Drop));
+        let bad = text.replace("upstream: v", "upstream: o");
+        let e = from_yaml_str(&bad, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("models[0].sampling.set_if_absent.return_token_ids"),
+            "{e}"
+        );
+        let anth = r#"
+upstreams:
+  a: {kind: anthropic, endpoints: ["https://127.0.0.1:1"], sampling: {set_if_absent: {logprobs: true}}}
+"#;
+        let e = from_yaml_str(anth, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams.a.sampling.set_if_absent.logprobs"),
+            "{e}"
+        );
     }
 
     #[test]

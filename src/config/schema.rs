@@ -41,6 +41,8 @@ fn default_listen() -> Vec<String> {
 pub struct RawLimits {
     /// Largest request body accepted on API routes.
     pub max_body: Option<HumanSize>,
+    /// Longest rLLM metadata slug / session id accepted in a path.
+    pub max_slug: Option<HumanSize>,
 }
 
 /// Upstream kind: decides credentials and accepted fields.
@@ -90,6 +92,35 @@ pub struct RawUpstream {
     pub tls: RawTls,
     /// How often hostnames are re-resolved.
     pub dns_refresh: Option<HumanDuration>,
+    /// Sampling policy for every model on this upstream (models may override per field).
+    pub sampling: Option<RawSampling>,
+    /// Whether rLLM path metadata is forwarded in the body (`body`) or not (`none`, default).
+    pub forward_metadata: Option<ForwardMetadata>,
+}
+
+/// `forward_metadata:` of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMetadata {
+    /// Not forwarded (OpenAI rejects foreign `metadata`).
+    None,
+    /// Added to the body as `metadata.rllm_metadata`.
+    Body,
+}
+
+/// `sampling:` of a model or upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSampling {
+    /// Fields set when the client did not send them.
+    #[serde(default)]
+    pub set_if_absent: BTreeMap<String, serde_json::Value>,
+    /// Fields always set.
+    #[serde(default, rename = "override")]
+    pub override_: BTreeMap<String, serde_json::Value>,
+    /// Fields removed.
+    #[serde(default)]
+    pub drop: Vec<String>,
 }
 
 /// A key: a bare secret, or an object with an id.
@@ -154,6 +185,8 @@ pub struct RawModel {
     pub upstream: String,
     /// Upstream model id, when different.
     pub model: Option<String>,
+    /// Sampling policy (merged over the upstream's).
+    pub sampling: Option<RawSampling>,
 }
 
 /// One entry of `routes:`.

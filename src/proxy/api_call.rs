@@ -2,13 +2,17 @@
 
 use super::ctx::RequestCtx;
 use super::forward::{self, Outbound};
+use crate::config::{ModelConfig, UpstreamConfig};
 use crate::error::EdgeError;
 use crate::route::api::ApiEndpoint;
+use crate::route::slug::PathMeta;
 use crate::shaping::body::{json_string, Edit, TopLevel};
+use crate::shaping::sampling;
 use crate::snapshot::Snapshot;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::proxy::Session;
+use serde_json::{Map, Value};
 use std::borrow::Cow;
 
 /// Reads the whole request body, refusing more than `limit` bytes. A declared
@@ -45,14 +49,89 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Edg
     }
 }
 
-/// The body to forward: `model` rewritten when the upstream id differs, every other byte as sent.
-pub fn shape_body(body: &Bytes, top: &TopLevel<'_>, upstream_model: Option<&str>) -> Bytes {
-    let Some(upstream_model) = upstream_model else {
-        return body.clone();
-    };
-    let value = String::from_utf8(json_string(upstream_model)).unwrap_or_default();
-    Bytes::from(top.apply(&[Edit::Set("model", Cow::Owned(value))]))
+/// The body to forward and what was injected into it.
+#[derive(Debug)]
+pub struct Shaped {
+    /// Body bytes to send upstream.
+    pub body: Bytes,
+    /// Fields added that the client did not send.
+    pub injected: Vec<String>,
 }
+
+/// Shapes the body for the upstream: `model` renamed when the upstream id differs, the
+/// sampling policy applied (`inject` false keeps only drops), rLLM metadata added when the
+/// upstream opted in. Every other byte stays as the client sent it; with nothing to change the
+/// original buffer is forwarded as is.
+pub fn shape_body(
+    body: &Bytes,
+    top: &TopLevel<'_>,
+    model: &ModelConfig,
+    upstream: &UpstreamConfig,
+    meta: &PathMeta,
+    inject: bool,
+) -> Shaped {
+    let planned = sampling::plan(top, &model.sampling, inject);
+    let mut edits = planned.edits;
+    if let Some(upstream_model) = model.upstream_model.as_deref() {
+        let value = String::from_utf8(json_string(upstream_model)).unwrap_or_default();
+        edits.push(Edit::Set("model", Cow::Owned(value)));
+    }
+    if upstream.forward_metadata && meta.has_metadata() {
+        if let Some(v) = metadata_with_rllm(top, meta) {
+            edits.push(Edit::Set("metadata", Cow::Owned(v)));
+        }
+    }
+    if edits.is_empty() {
+        return Shaped {
+            body: body.clone(),
+            injected: planned.injected,
+        };
+    }
+    Shaped {
+        body: Bytes::from(top.apply(&edits)),
+        injected: planned.injected,
+    }
+}
+
+/// The client's `metadata` object with `rllm_metadata` added (a `/sessions/` id becomes
+/// `{"session_id": id}`); `None` when the client's `metadata` is not an object.
+fn metadata_with_rllm(top: &TopLevel<'_>, meta: &PathMeta) -> Option<String> {
+    let mut obj = match top.get("metadata") {
+        Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Object(m)) => m,
+            _ => return None,
+        },
+        None => Map::new(),
+    };
+    let rllm = match (&meta.metadata, &meta.session_id) {
+        (Some(m), _) => Value::Object(m.clone()),
+        (None, Some(id)) => serde_json::json!({ "session_id": id }),
+        (None, None) => return None,
+    };
+    obj.insert("rllm_metadata".to_string(), rllm);
+    Some(Value::Object(obj).to_string())
+}
+
+/// Whether injection is on for this request: `x-llm-edge-inject: off` or the slug metadata key
+/// `llm_edge_inject` set to `false`/`"off"` turns it off.
+pub fn injection_enabled(client: &pingora::http::RequestHeader, meta: &PathMeta) -> bool {
+    let header_off = client
+        .headers
+        .get(INJECT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"));
+    let meta_off = meta
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get(INJECT_META_KEY))
+        .is_some_and(|v| v == &Value::Bool(false) || v.as_str() == Some("off"));
+    !(header_off || meta_off)
+}
+
+/// Request header that turns injection off for one call.
+pub const INJECT_HEADER: &str = "x-llm-edge-inject";
+/// Slug metadata key that turns injection off for one call.
+pub const INJECT_META_KEY: &str = "llm_edge_inject";
 
 /// The model named by a body, or the error to answer.
 pub fn model_of(top: &TopLevel<'_>) -> Result<String, EdgeError> {
@@ -69,6 +148,8 @@ pub async fn handle(
     connector: &Connector,
     snap: &Snapshot,
     api: ApiEndpoint,
+    path_and_query: &str,
+    meta: &PathMeta,
     ctx: &mut RequestCtx,
 ) -> Result<(), EdgeError> {
     ctx.api = Some(api);
@@ -87,19 +168,16 @@ pub async fn handle(
         )));
     };
     ctx.upstream = Some(upstream.cfg.name.clone());
-    let body = shape_body(&body, &top, m.upstream_model.as_deref());
+    let inject = injection_enabled(session.req_header(), meta);
+    let shaped = shape_body(&body, &top, m, &upstream.cfg, meta, inject);
     drop(top);
+    ctx.injected = shaped.injected;
     let client = session.req_header().clone();
-    let path_and_query = client
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
     let out = Outbound {
         upstream,
         client: &client,
         path_and_query,
-        body,
+        body: shaped.body,
     };
     forward::forward(session, connector, out, ctx).await
 }
@@ -118,14 +196,59 @@ mod tests {
         assert!(matches!(m(b"{nope"), Err(EdgeError::InvalidJson(_))));
     }
 
+    fn setup(yaml_model: &str) -> (ModelConfig, UpstreamConfig) {
+        let text = format!(
+            "upstreams: {{v: {{kind: vllm, endpoints: ['http://127.0.0.1:1'], forward_metadata: body}}}}\nmodels:\n  - {yaml_model}\n"
+        );
+        let c = crate::config::from_yaml_str(&text, &|_| None).unwrap();
+        (c.models[0].clone(), c.upstreams["v"].clone())
+    }
+
+    fn no_meta() -> PathMeta {
+        PathMeta {
+            path: "/v1/chat/completions".into(),
+            metadata: None,
+            session_id: None,
+        }
+    }
+
     #[test]
     fn rename_changes_only_model() {
         let b = Bytes::from_static(br#"{"model":"q","messages":[{"content":"\u00e9"}]}"#);
         let top = TopLevel::parse(&b).unwrap();
-        assert_eq!(shape_body(&b, &top, None), b);
+        let (m, u) = setup("{name: q, upstream: v}");
+        let same = shape_body(&b, &top, &m, &u, &no_meta(), true);
         assert_eq!(
-            shape_body(&b, &top, Some("Qwen/Q")),
+            same.body.as_ptr(),
+            b.as_ptr(),
+            "unchanged body is not copied"
+        );
+        let (m, u) = setup("{name: q, upstream: v, model: Qwen/Q}");
+        assert_eq!(
+            shape_body(&b, &top, &m, &u, &no_meta(), true).body,
             Bytes::from_static(br#"{"model":"Qwen/Q","messages":[{"content":"\u00e9"}]}"#)
         );
+    }
+
+    #[test]
+    fn injection_and_metadata_forwarding() {
+        let b = Bytes::from_static(
+            br#"{"model":"q","messages":[ {"content":"x"} ],"metadata":{"a":1}}"#,
+        );
+        let top = TopLevel::parse(&b).unwrap();
+        let (m, u) = setup("{name: q, upstream: v, sampling: {set_if_absent: {logprobs: true}}}");
+        let meta = PathMeta {
+            path: "/v1/chat/completions".into(),
+            metadata: Some(serde_json::from_str(r#"{"session_name":"s1"}"#).unwrap()),
+            session_id: None,
+        };
+        let s = shape_body(&b, &top, &m, &u, &meta, true);
+        assert_eq!(
+            std::str::from_utf8(&s.body).unwrap(),
+            r#"{"model":"q","messages":[ {"content":"x"} ],"metadata":{"a":1,"rllm_metadata":{"session_name":"s1"}},"logprobs":true}"#
+        );
+        assert_eq!(s.injected, ["logprobs"]);
+        let s = shape_body(&b, &top, &m, &u, &meta, false);
+        assert!(!std::str::from_utf8(&s.body).unwrap().contains("logprobs"));
     }
 }

@@ -1,6 +1,7 @@
 //! Per-request state shared across Pingora phases.
 
 use crate::route::api::ApiEndpoint;
+use crate::route::slug::PathMeta;
 use crate::snapshot::Snapshot;
 use crate::upstream::Upstream;
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub struct RequestCtx {
     pub responded: bool,
     /// Pass-through routing, when the request takes Pingora's proxy path.
     pub pass_through: Option<PassThrough>,
+    /// rLLM metadata and session from the path.
+    pub path_meta: Option<PathMeta>,
+    /// Fields injected into the request that the client did not send.
+    pub injected: Vec<String>,
 }
 
 impl RequestCtx {
@@ -59,6 +64,8 @@ impl RequestCtx {
             error_code: None,
             responded: false,
             pass_through: None,
+            path_meta: None,
+            injected: Vec::new(),
         }
     }
 }

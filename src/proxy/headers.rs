@@ -19,7 +19,9 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Client headers that are ours to set toward the upstream.
-const NOT_FORWARDED_ON_API_CALLS: [&str; 6] = [
+const NOT_FORWARDED_ON_API_CALLS: [&str; 7] = [
+    // Ours: the per-request injection switch.
+    "x-llm-edge-inject",
     "host",
     "content-length",
     "transfer-encoding",

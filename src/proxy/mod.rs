@@ -10,6 +10,7 @@ pub mod respond;
 
 use crate::error::EdgeError;
 use crate::route::api::{self, ApiPath};
+use crate::route::slug;
 use crate::snapshot::SharedSnapshot;
 use async_trait::async_trait;
 use ctx::RequestCtx;
@@ -56,11 +57,34 @@ impl ProxyHttp for EdgeProxy {
     ) -> pingora::Result<bool> {
         let snap = self.state.load_full();
         ctx.snapshot = Some(snap.clone());
-        let path = session.req_header().uri.path().to_string();
+        let meta = match slug::extract(session.req_header().uri.path(), snap.cfg.limits.max_slug) {
+            Ok(m) => m,
+            Err(e) => {
+                ctx.error_code = Some(e.code());
+                respond::error(session, &e).await?;
+                return Ok(true);
+            }
+        };
+        let path = meta.path.clone();
+        let path_and_query = match session.req_header().uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
         let method = session.req_header().method.clone();
         let result = match api::classify(&path) {
             ApiPath::Call(endpoint) if method == http::Method::POST => {
-                api_call::handle(session, &self.connector, &snap, endpoint, ctx).await
+                let r = api_call::handle(
+                    session,
+                    &self.connector,
+                    &snap,
+                    endpoint,
+                    &path_and_query,
+                    &meta,
+                    ctx,
+                )
+                .await;
+                ctx.path_meta = Some(meta);
+                r
             }
             ApiPath::ListModels if method == http::Method::GET => {
                 respond::json(session, 200, snap.models_body.clone()).await?;
@@ -69,10 +93,11 @@ impl ProxyHttp for EdgeProxy {
             ApiPath::Call(_) | ApiPath::ListModels if snap.routes.route(&path).is_none() => {
                 Err(EdgeError::MethodNotAllowed(method.to_string()))
             }
-            _ => match passthrough::plan(&snap, session.req_header()) {
+            _ => match passthrough::plan(&snap, &path_and_query) {
                 Some(pt) => {
                     ctx.upstream = Some(pt.upstream.cfg.name.clone());
                     ctx.pass_through = Some(pt);
+                    ctx.path_meta = Some(meta);
                     return Ok(false);
                 }
                 None => Err(EdgeError::UnknownPath(path)),

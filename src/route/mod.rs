@@ -1,4 +1,5 @@
 //! Request routing: API path classification, model lookup, pass-through routes.
 
 pub mod api;
+pub mod slug;
 pub mod table;

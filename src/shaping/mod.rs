@@ -1,3 +1,4 @@
 //! Request body shaping: top-level JSON edits.
 
 pub mod body;
+pub mod sampling;
