@@ -1,0 +1,107 @@
+//! Criterion micro-benchmarks for the request hot path: path classification and slug decoding,
+//! top-level body edits (1 KiB / 100 KiB / 1 MiB), key selection.
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use llm_edge::config::schema::UpstreamKind;
+use llm_edge::config::secret::Secret;
+use llm_edge::config::UpstreamKey;
+use llm_edge::route::{api, slug};
+use llm_edge::shaping::body::{json_string, Edit, TopLevel};
+use llm_edge::upstream::keys::KeyPool;
+use std::borrow::Cow;
+
+fn chat_body(target: usize) -> Vec<u8> {
+    let mut messages = String::new();
+    let mut i = 0;
+    while messages.len() < target {
+        if i > 0 {
+            messages.push(',');
+        }
+        messages.push_str(&format!(
+            r#"{{"role":"user","content":"message {i}: the quick brown fox jumps over the lazy dog \u00e9\n"}}"#
+        ));
+        i += 1;
+    }
+    format!(r#"{{"model":"qwen","messages":[{messages}],"temperature":0.7,"stream":true}}"#).into_bytes()
+}
+
+fn bench_paths(c: &mut Criterion) {
+    let mut g = c.benchmark_group("path");
+    g.bench_function("classify_plain", |b| {
+        b.iter(|| {
+            let m = slug::extract(black_box("/v1/chat/completions"), 65536).unwrap();
+            api::classify(&m.path)
+        })
+    });
+    g.bench_function("classify_with_slug", |b| {
+        b.iter(|| {
+            let m = slug::extract(
+                black_box("/meta/rllm1:eyJzZXNzaW9uX25hbWUiOiJzZXNzXzEyMyJ9/v1/chat/completions"),
+                65536,
+            )
+            .unwrap();
+            api::classify(&m.path)
+        })
+    });
+    g.bench_function("classify_sessions", |b| {
+        b.iter(|| {
+            let m = slug::extract(black_box("/sessions/run-1/ep-2/v1/chat/completions"), 65536)
+                .unwrap();
+            api::classify(&m.path)
+        })
+    });
+    g.finish();
+}
+
+fn bench_body_edit(c: &mut Criterion) {
+    let mut g = c.benchmark_group("body_edit");
+    for size in [1 << 10, 100 << 10, 1 << 20] {
+        let body = Bytes::from(chat_body(size));
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::new("parse_only", size), &body, |b, body| {
+            b.iter(|| TopLevel::parse(black_box(body)).unwrap().get_str("model").map(|m| m.len()))
+        });
+        g.bench_with_input(BenchmarkId::new("rename_and_inject", size), &body, |b, body| {
+            let value = String::from_utf8(json_string("Qwen/Qwen2.5-7B-Instruct")).unwrap();
+            b.iter(|| {
+                let top = TopLevel::parse(black_box(body)).unwrap();
+                top.apply(&[
+                    Edit::Set("model", Cow::Borrowed(value.as_str())),
+                    Edit::Set("logprobs", Cow::Borrowed("true")),
+                    Edit::Remove("temperature"),
+                ])
+                .len()
+            })
+        });
+        // The alternative DESIGN rules out: a full serde_json round trip of the body.
+        g.bench_with_input(BenchmarkId::new("full_reserialise_baseline", size), &body, |b, body| {
+            b.iter(|| {
+                let mut v: serde_json::Value = serde_json::from_slice(black_box(body)).unwrap();
+                v["model"] = "Qwen/Qwen2.5-7B-Instruct".into();
+                serde_json::to_vec(&v).unwrap().len()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_key_selection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("key_pick");
+    for n in [1usize, 16, 1024] {
+        let keys: Vec<UpstreamKey> = (0..n)
+            .map(|i| UpstreamKey {
+                id: format!("k{i}"),
+                secret: Secret::new(format!("sk-bench-key-{i:08}")),
+            })
+            .collect();
+        let pool = KeyPool::new(UpstreamKind::Openai, &keys);
+        g.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
+            b.iter(|| pool.pick().map(|k| k.id.len()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_paths, bench_body_edit, bench_key_selection);
+criterion_main!(benches);
