@@ -23,7 +23,8 @@ fn chat_body(target: usize) -> Vec<u8> {
         ));
         i += 1;
     }
-    format!(r#"{{"model":"qwen","messages":[{messages}],"temperature":0.7,"stream":true}}"#).into_bytes()
+    format!(r#"{{"model":"qwen","messages":[{messages}],"temperature":0.7,"stream":true}}"#)
+        .into_bytes()
 }
 
 fn bench_paths(c: &mut Criterion) {
@@ -60,28 +61,41 @@ fn bench_body_edit(c: &mut Criterion) {
         let body = Bytes::from(chat_body(size));
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_with_input(BenchmarkId::new("parse_only", size), &body, |b, body| {
-            b.iter(|| TopLevel::parse(black_box(body)).unwrap().get_str("model").map(|m| m.len()))
-        });
-        g.bench_with_input(BenchmarkId::new("rename_and_inject", size), &body, |b, body| {
-            let value = String::from_utf8(json_string("Qwen/Qwen2.5-7B-Instruct")).unwrap();
             b.iter(|| {
-                let top = TopLevel::parse(black_box(body)).unwrap();
-                top.apply(&[
-                    Edit::Set("model", Cow::Borrowed(value.as_str())),
-                    Edit::Set("logprobs", Cow::Borrowed("true")),
-                    Edit::Remove("temperature"),
-                ])
-                .len()
+                TopLevel::parse(black_box(body))
+                    .unwrap()
+                    .get_str("model")
+                    .map(|m| m.len())
             })
         });
+        g.bench_with_input(
+            BenchmarkId::new("rename_and_inject", size),
+            &body,
+            |b, body| {
+                let value = String::from_utf8(json_string("Qwen/Qwen2.5-7B-Instruct")).unwrap();
+                b.iter(|| {
+                    let top = TopLevel::parse(black_box(body)).unwrap();
+                    top.apply(&[
+                        Edit::Set("model", Cow::Borrowed(value.as_str())),
+                        Edit::Set("logprobs", Cow::Borrowed("true")),
+                        Edit::Remove("temperature"),
+                    ])
+                    .len()
+                })
+            },
+        );
         // The alternative DESIGN rules out: a full serde_json round trip of the body.
-        g.bench_with_input(BenchmarkId::new("full_reserialise_baseline", size), &body, |b, body| {
-            b.iter(|| {
-                let mut v: serde_json::Value = serde_json::from_slice(black_box(body)).unwrap();
-                v["model"] = "Qwen/Qwen2.5-7B-Instruct".into();
-                serde_json::to_vec(&v).unwrap().len()
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("full_reserialise_baseline", size),
+            &body,
+            |b, body| {
+                b.iter(|| {
+                    let mut v: serde_json::Value = serde_json::from_slice(black_box(body)).unwrap();
+                    v["model"] = "Qwen/Qwen2.5-7B-Instruct".into();
+                    serde_json::to_vec(&v).unwrap().len()
+                })
+            },
+        );
     }
     g.finish();
 }

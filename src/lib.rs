@@ -2,12 +2,16 @@
 //!
 //! The binary is a thin CLI over this library; tests and benches use the same code paths.
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod ids;
+pub mod observe;
 pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod shaping;
 pub mod snapshot;
+pub mod trace;
 pub mod upstream;

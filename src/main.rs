@@ -60,13 +60,19 @@ fn main() -> ExitCode {
     for addr in &cfg.listen {
         tracing::info!("listening on {addr}");
     }
-    let server = EdgeServer::build(
+    let server = match EdgeServer::new(
         cfg,
         RunOptions {
             upgrade: cli.upgrade,
             daemon: cli.daemon,
         },
-    );
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llm-edge: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     server.run(RunArgs::default());
     ExitCode::SUCCESS
 }

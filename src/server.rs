@@ -4,6 +4,7 @@ use crate::config::Config;
 use crate::demo::DemoUpstream;
 use crate::proxy::EdgeProxy;
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::trace::Tracer;
 use crate::upstream::dns::Dns;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -30,7 +31,19 @@ pub struct EdgeServer {
 
 impl EdgeServer {
     /// Builds every service from a validated config.
+    ///
+    /// # Panics
+    /// When a trace sink cannot be opened; use [`EdgeServer::new`] to handle that error.
     pub fn build(cfg: Config, opts: RunOptions) -> Self {
+        match Self::new(cfg, opts) {
+            Ok(s) => s,
+            Err(e) => panic!("llm-edge failed to start: {e}"),
+        }
+    }
+
+    /// Builds every service from a validated config; fails when a trace sink cannot be opened.
+    pub fn new(cfg: Config, opts: RunOptions) -> Result<Self, String> {
+        let tracer = Arc::new(Tracer::start(&cfg.tracing).map_err(|e| format!("tracing: {e}"))?);
         let conf = ServerConf {
             threads: cfg.server.threads,
             pid_file: cfg.server.pid_file.clone(),
@@ -55,7 +68,7 @@ impl EdgeServer {
 
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
-            EdgeProxy::new(state.clone()),
+            EdgeProxy::new(state.clone(), tracer.clone()),
             "llm-edge proxy",
         );
         for addr in &listen {
@@ -68,6 +81,7 @@ impl EdgeServer {
                 state: state.clone(),
             },
         ));
+        server.add_service(background_service("trace flusher", TraceFlusher { tracer }));
         if let Some(addr) = demo {
             let mut svc = pingora::proxy::http_proxy_service_with_name(
                 &server.configuration,
@@ -77,7 +91,7 @@ impl EdgeServer {
             svc.add_tcp(&addr.to_string());
             server.add_service(svc);
         }
-        Self { server, state }
+        Ok(Self { server, state })
     }
 
     /// The shared config snapshot (for reloads and admin views).
@@ -112,6 +126,24 @@ impl BackgroundService for Refresher {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+/// On shutdown, waits (bounded) until queued traces are written.
+struct TraceFlusher {
+    tracer: Arc<Tracer>,
+}
+
+#[async_trait]
+impl BackgroundService for TraceFlusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        if tokio::time::timeout(Duration::from_secs(10), self.tracer.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("trace queue not drained within 10 s of shutdown");
         }
     }
 }

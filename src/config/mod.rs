@@ -9,6 +9,7 @@ pub mod secret;
 pub mod units;
 
 use crate::shaping::sampling::{kind_accepts, Action, FieldPath, Policy};
+use crate::trace::{TraceMode, TraceSettings};
 use schema::{ForwardMetadata, RawConfig, RawKey, RawSampling, RawUpstream, UpstreamKind};
 use secret::Secret;
 use sha2::{Digest, Sha256};
@@ -16,6 +17,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default `limits.max_body`: 32 MiB.
@@ -38,6 +40,8 @@ pub struct Config {
     pub server: ServerSettings,
     /// Address of the built-in demo upstream, if enabled.
     pub demo_upstream: Option<SocketAddr>,
+    /// Call traces.
+    pub tracing: TraceSettings,
 }
 
 /// Request limits.
@@ -349,10 +353,36 @@ pub fn validate(
         None => None,
     };
 
+    let mut tracing = TraceSettings::default();
+    if let Some(t) = raw.tracing {
+        tracing.mode = t.mode.unwrap_or(TraceMode::WhenMetadata);
+        tracing.sqlite = t.sqlite.map(PathBuf::from);
+        tracing.jsonl = t.jsonl.map(PathBuf::from);
+        if let Some(s) = t.jsonl_max_size {
+            tracing.jsonl_max_size = s.0.max(1);
+        }
+        if let Some(k) = t.jsonl_keep {
+            tracing.jsonl_keep = k.max(1);
+        }
+        if let Some(q) = t.queue {
+            if q == 0 {
+                problems.push("tracing.queue: must be at least 1".to_string());
+            }
+            tracing.queue = q.max(1);
+        }
+        if tracing.mode != TraceMode::Never && tracing.sqlite.is_none() && tracing.jsonl.is_none() {
+            problems.push(
+                "tracing: set sqlite and/or jsonl (or mode: never) — traces need somewhere to go"
+                    .to_string(),
+            );
+        }
+    }
+
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
     Ok(Config {
+        tracing,
         listen,
         limits: Limits { max_body, max_slug },
         upstreams,

@@ -29,6 +29,27 @@ pub struct RawConfig {
     /// Built-in OpenAI-compatible mock upstream, for demos and smoke tests.
     #[serde(default)]
     pub demo_upstream: Option<RawDemoUpstream>,
+    /// Call traces.
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `tracing:` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// always | when_metadata | never.
+    pub mode: Option<crate::trace::TraceMode>,
+    /// SQLite store (rLLM tables).
+    pub sqlite: Option<String>,
+    /// JSON Lines file.
+    pub jsonl: Option<String>,
+    /// Rotate the JSONL file above this size.
+    pub jsonl_max_size: Option<HumanSize>,
+    /// Rotated JSONL files kept.
+    pub jsonl_keep: Option<usize>,
+    /// Queue capacity in records.
+    pub queue: Option<usize>,
 }
 
 fn default_listen() -> Vec<String> {

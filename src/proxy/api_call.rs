@@ -1,7 +1,7 @@
 //! API calls: read the body (bounded), route by `model`, edit the top level, forward.
 
 use super::ctx::RequestCtx;
-use super::forward::{self, Outbound};
+use super::forward::{self, Observer, Outbound};
 use crate::config::{ModelConfig, UpstreamConfig};
 use crate::error::EdgeError;
 use crate::route::api::ApiEndpoint;
@@ -9,6 +9,8 @@ use crate::route::slug::PathMeta;
 use crate::shaping::body::{json_string, Edit, TopLevel};
 use crate::shaping::sampling;
 use crate::snapshot::Snapshot;
+use crate::trace::build::{build_record, flavor_of, CallFacts};
+use crate::trace::Tracer;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::proxy::Session;
@@ -142,10 +144,13 @@ pub fn model_of(top: &TopLevel<'_>) -> Result<String, EdgeError> {
 }
 
 /// Handles one API call end to end. Errors before the response started are returned for the
-/// caller to answer; after that the stream was already ended.
+/// caller to answer; after that the stream was already ended. Traced calls get a record
+/// whether they succeed or fail.
+#[allow(clippy::too_many_arguments)]
 pub async fn handle(
     session: &mut Session,
     connector: &Connector,
+    tracer: &Tracer,
     snap: &Snapshot,
     api: ApiEndpoint,
     path_and_query: &str,
@@ -154,7 +159,75 @@ pub async fn handle(
 ) -> Result<(), EdgeError> {
     ctx.api = Some(api);
     let body = read_body(session, snap.cfg.limits.max_body).await?;
-    let top = TopLevel::parse(&body)?;
+    let traced = tracer.wants(meta.has_metadata());
+    let timestamp = unix_now();
+    let mut obs = traced.then(|| Observer::new(flavor_of(api), ctx.started));
+    let result = route_and_forward(
+        session,
+        connector,
+        snap,
+        &body,
+        path_and_query,
+        meta,
+        ctx,
+        obs.as_mut(),
+    )
+    .await;
+    if traced && ctx.upstream.is_some() {
+        if let (Some(o), Err(_)) = (obs.as_mut(), &result) {
+            // Keep what arrived before the failure.
+            o.finish();
+        }
+        let model = ctx.model.clone().unwrap_or_default();
+        let upstream_model = snap
+            .routes
+            .model(&model)
+            .and_then(|m| m.upstream_model.clone())
+            .unwrap_or_else(|| model.clone());
+        let status = match &result {
+            Ok(()) => ctx.status,
+            Err(_) if ctx.responded => ctx.status,
+            Err(e) => e.status(),
+        };
+        let rec = build_record(CallFacts {
+            request_id: &ctx.request_id,
+            api,
+            model: &model,
+            upstream_model: &upstream_model,
+            upstream: ctx.upstream.as_deref().unwrap_or_default(),
+            replica: ctx.replica.as_deref(),
+            meta,
+            body: &body,
+            timestamp,
+            latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+            status,
+            error: result.as_ref().err().map(|e| e.to_string()),
+            observer: obs.as_ref(),
+        });
+        tracer.submit(rec);
+    }
+    result
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn route_and_forward(
+    session: &mut Session,
+    connector: &Connector,
+    snap: &Snapshot,
+    body: &Bytes,
+    path_and_query: &str,
+    meta: &PathMeta,
+    ctx: &mut RequestCtx,
+    obs: Option<&mut Observer>,
+) -> Result<(), EdgeError> {
+    let top = TopLevel::parse(body)?;
     let model = model_of(&top)?;
     let Some(m) = snap.routes.model(&model) else {
         ctx.model = Some(model.clone());
@@ -169,7 +242,7 @@ pub async fn handle(
     };
     ctx.upstream = Some(upstream.cfg.name.clone());
     let inject = injection_enabled(session.req_header(), meta);
-    let shaped = shape_body(&body, &top, m, &upstream.cfg, meta, inject);
+    let shaped = shape_body(body, &top, m, &upstream.cfg, meta, inject);
     drop(top);
     ctx.injected = shaped.injected;
     let client = session.req_header().clone();
@@ -179,7 +252,7 @@ pub async fn handle(
         path_and_query,
         body: shaped.body,
     };
-    forward::forward(session, connector, out, ctx).await
+    forward::forward(session, connector, out, ctx, obs).await
 }
 
 #[cfg(test)]

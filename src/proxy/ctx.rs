@@ -23,6 +23,8 @@ pub struct PassThrough {
 pub struct RequestCtx {
     /// When the request started.
     pub started: Instant,
+    /// Request id (traces, logs).
+    pub request_id: String,
     /// Config snapshot this request uses from start to end.
     pub snapshot: Option<Arc<Snapshot>>,
     /// API endpoint, for API calls.
@@ -47,6 +49,8 @@ pub struct RequestCtx {
     pub path_meta: Option<PathMeta>,
     /// Fields injected into the request that the client did not send.
     pub injected: Vec<String>,
+    /// Upstream status passed to the client (0 until a response started).
+    pub status: u16,
 }
 
 impl RequestCtx {
@@ -54,6 +58,7 @@ impl RequestCtx {
     pub fn new() -> Self {
         Self {
             started: Instant::now(),
+            request_id: crate::ids::new_id("req_"),
             snapshot: None,
             api: None,
             model: None,
@@ -66,6 +71,7 @@ impl RequestCtx {
             pass_through: None,
             path_meta: None,
             injected: Vec::new(),
+            status: 0,
         }
     }
 }

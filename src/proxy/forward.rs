@@ -6,6 +6,7 @@ use super::ctx::RequestCtx;
 use super::headers;
 use super::respond;
 use crate::error::EdgeError;
+use crate::trace::accumulate::{Accumulator, Flavor};
 use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
@@ -51,6 +52,7 @@ pub async fn forward(
     connector: &Connector,
     out: Outbound<'_>,
     ctx: &mut RequestCtx,
+    obs: Option<&mut Observer>,
 ) -> Result<(), EdgeError> {
     let up = out.upstream;
     let t = up.cfg.timeouts;
@@ -104,6 +106,7 @@ pub async fn forward(
             continue;
         }
         replica.mark_ok();
+        ctx.status = status;
         let down = headers::downstream_response(resp)
             .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
         let is_sse = resp
@@ -119,7 +122,11 @@ pub async fn forward(
             return Err(EdgeError::ClientClosed);
         }
         ctx.responded = true;
-        return stream_body(session, connector, us, &replica, is_sse, deadline, &t).await;
+        let mut obs = obs;
+        if let Some(o) = obs.as_deref_mut() {
+            o.begin(is_sse);
+        }
+        return stream_body(session, connector, us, &replica, is_sse, deadline, &t, obs).await;
     }
     Err(last_err)
 }
@@ -196,6 +203,7 @@ enum Step {
 
 /// Hot path: relays response body chunks downstream as they arrive, watching for the client
 /// going away so the upstream request is dropped promptly.
+#[allow(clippy::too_many_arguments)]
 async fn stream_body(
     session: &mut Session,
     connector: &Connector,
@@ -204,6 +212,7 @@ async fn stream_body(
     is_sse: bool,
     deadline: Instant,
     t: &crate::config::Timeouts,
+    mut obs: Option<&mut Observer>,
 ) -> Result<(), EdgeError> {
     us.set_read_timeout(Some(t.idle));
     let sleep = tokio::time::sleep_until(deadline);
@@ -235,6 +244,8 @@ async fn stream_body(
                 } else if let Some(&b) = chunk.last() {
                     tail = [tail[1], b];
                 }
+                // Forward first; the observer gets a cheap clone afterwards.
+                let seen = obs.is_some().then(|| chunk.clone());
                 if session
                     .write_response_body(Some(chunk), false)
                     .await
@@ -243,10 +254,16 @@ async fn stream_body(
                     // Dropping `us` closes the upstream connection: the upstream sees the abort.
                     return Err(EdgeError::ClientClosed);
                 }
+                if let (Some(o), Some(c)) = (obs.as_deref_mut(), seen) {
+                    o.on_chunk(&c);
+                }
             }
             Step::Chunk(None) => {
                 if session.write_response_body(None, true).await.is_err() {
                     return Err(EdgeError::ClientClosed);
+                }
+                if let Some(o) = obs.as_deref_mut() {
+                    o.finish();
                 }
                 connector
                     .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
@@ -294,4 +311,55 @@ async fn end_broken_stream(session: &mut Session, is_sse: bool, tail: [u8; 2], e
     let _ = session
         .write_response_body(Some(Bytes::from(event)), false)
         .await;
+}
+
+/// Watches a traced response beside the forwarding path: time to first byte, and the
+/// accumulated output. Parsing happens after the chunk was written downstream.
+pub struct Observer {
+    /// When the request started.
+    pub started: std::time::Instant,
+    /// Time to the first response body chunk.
+    pub ttft: Option<std::time::Duration>,
+    /// The output so far.
+    pub acc: Accumulator,
+    is_sse: bool,
+}
+
+impl Observer {
+    /// An observer for a response of `flavor`.
+    pub fn new(flavor: Flavor, started: std::time::Instant) -> Self {
+        Self {
+            started,
+            ttft: None,
+            acc: Accumulator::new(flavor),
+            is_sse: false,
+        }
+    }
+
+    fn begin(&mut self, is_sse: bool) {
+        self.is_sse = is_sse;
+    }
+
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        if self.ttft.is_none() {
+            self.ttft = Some(self.started.elapsed());
+        }
+        if self.is_sse {
+            self.acc.feed_sse(chunk);
+        } else {
+            self.acc.feed_json(chunk);
+        }
+    }
+
+    /// Ends the response (parses a buffered JSON body). Also called for partial output.
+    pub fn finish(&mut self) {
+        if !self.is_sse {
+            self.acc.finish_json();
+        }
+    }
+
+    /// Whether the response was SSE.
+    pub fn is_sse(&self) -> bool {
+        self.is_sse
+    }
 }

@@ -12,6 +12,7 @@ use crate::error::EdgeError;
 use crate::route::api::{self, ApiPath};
 use crate::route::slug;
 use crate::snapshot::SharedSnapshot;
+use crate::trace::Tracer;
 use async_trait::async_trait;
 use ctx::RequestCtx;
 use pingora::connectors::http::Connector;
@@ -25,14 +26,16 @@ use std::sync::Arc;
 pub struct EdgeProxy {
     state: SharedSnapshot,
     connector: Arc<Connector>,
+    tracer: Arc<Tracer>,
 }
 
 impl EdgeProxy {
     /// A proxy over the shared config snapshot, with its own pooled connector for API calls.
-    pub fn new(state: SharedSnapshot) -> Self {
+    pub fn new(state: SharedSnapshot, tracer: Arc<Tracer>) -> Self {
         Self {
             state,
             connector: Arc::new(Connector::new(None)),
+            tracer,
         }
     }
 }
@@ -66,6 +69,10 @@ impl ProxyHttp for EdgeProxy {
             }
         };
         let path = meta.path.clone();
+        if crate::admin::is_admin_path(&path) {
+            crate::admin::handle(session, &path, &self.tracer).await?;
+            return Ok(true);
+        }
         let path_and_query = match session.req_header().uri.query() {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
@@ -76,6 +83,7 @@ impl ProxyHttp for EdgeProxy {
                 let r = api_call::handle(
                     session,
                     &self.connector,
+                    &self.tracer,
                     &snap,
                     endpoint,
                     &path_and_query,

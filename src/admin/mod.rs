@@ -1,0 +1,57 @@
+//! Admin endpoints. Until the separate admin listener exists they are served on the main
+//! listener, to loopback clients only.
+
+pub mod traces;
+
+use crate::error::EdgeError;
+use crate::proxy::respond;
+use crate::trace::Tracer;
+use pingora::proxy::Session;
+
+/// Whether `path` is an admin path.
+pub fn is_admin_path(path: &str) -> bool {
+    path == "/admin" || path.starts_with("/admin/")
+}
+
+/// Answers an admin request.
+pub async fn handle(session: &mut Session, path: &str, tracer: &Tracer) -> pingora::Result<()> {
+    let loopback = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .is_some_and(|a| a.ip().is_loopback());
+    if !loopback {
+        let e = EdgeError::UnknownPath(path.to_string());
+        return respond::error(session, &e).await;
+    }
+    let method = session.req_header().method.clone();
+    let query = session.req_header().uri.query().unwrap_or("").to_string();
+    let result = match (method.as_str(), path) {
+        ("POST", "/admin/traces/flush") => traces::flush(tracer).await,
+        ("GET", "/admin/traces") => traces::list(tracer, &query).await,
+        ("GET", p) if p.starts_with("/admin/traces/") => {
+            traces::one(tracer, &p["/admin/traces/".len()..]).await
+        }
+        _ => Err(EdgeError::UnknownPath(path.to_string())),
+    };
+    match result {
+        Ok(body) => respond::json(session, 200, body).await,
+        Err(e) => respond::error(session, &e).await,
+    }
+}
+
+/// Parses `a=1&b=x%20y` into decoded pairs.
+pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}

@@ -1,0 +1,3 @@
+//! Observation of responses on the side of the forwarding path.
+
+pub mod sse;

@@ -1,0 +1,147 @@
+//! Incremental SSE parsing: splits a byte stream into events across chunk boundaries and
+//! yields each event's joined `data:` payload. Only used on observed (traced) responses.
+
+use bytes::{Buf, BytesMut};
+
+/// One parsed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `event:` field, if any.
+    pub event: Option<String>,
+    /// `data:` lines joined with `\n`.
+    pub data: String,
+}
+
+/// Splits SSE bytes into events. Feed chunks as they arrive; completed events come out.
+#[derive(Debug, Default)]
+pub struct SseSplitter {
+    buf: BytesMut,
+    /// Longest pending event kept before it is dropped (protects memory on a broken stream).
+    max_event: usize,
+}
+
+/// Default cap on one pending event: 16 MiB.
+pub const DEFAULT_MAX_EVENT: usize = 16 << 20;
+
+impl SseSplitter {
+    /// A splitter with the default event cap.
+    pub fn new() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max_event: DEFAULT_MAX_EVENT,
+        }
+    }
+
+    /// Feeds a chunk, calling `on_event` for every event it completes.
+    pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent)) {
+        self.buf.extend_from_slice(chunk);
+        while let Some((end, sep)) = find_boundary(&self.buf) {
+            let raw = self.buf.split_to(end);
+            self.buf.advance(sep);
+            if let Some(ev) = parse_event(&raw) {
+                on_event(ev);
+            }
+        }
+        if self.buf.len() > self.max_event {
+            self.buf.clear();
+        }
+    }
+
+    /// Bytes of a partial event still pending (a stream that ended mid-event).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// Position of the first blank line (`\n\n`, `\r\n\r\n` or `\r\r`) and its length.
+fn find_boundary(b: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2)),
+            b'\r' if b.get(i + 1) == Some(&b'\n') => {
+                if b.get(i + 2) == Some(&b'\r') && b.get(i + 3) == Some(&b'\n') {
+                    return Some((i, 4));
+                }
+                if b.get(i + 2) == Some(&b'\n') {
+                    return Some((i, 3));
+                }
+            }
+            b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2)),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+fn parse_event(raw: &[u8]) -> Option<SseEvent> {
+    let text = String::from_utf8_lossy(raw);
+    let mut event = None;
+    let mut data: Option<String> = None;
+    for line in text.split(['\n', '\r']) {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.find(':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(' ').unwrap_or(v))
+            }
+            None => (line, ""),
+        };
+        match field {
+            "data" => match data.as_mut() {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => data = Some(value.to_string()),
+            },
+            "event" => event = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    data.map(|data| SseEvent { event, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut s = SseSplitter::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |e| out.push(e));
+        }
+        out
+    }
+
+    #[test]
+    fn events_split_across_chunks() {
+        let evs = all(&[b"data: {\"a\"", b":1}\n", b"\ndata: [DONE]\n\n"]);
+        assert_eq!(evs.len(), 2);
+        assert_eq!(evs[0].data, "{\"a\":1}");
+        assert_eq!(evs[1].data, "[DONE]");
+    }
+
+    #[test]
+    fn event_names_multiline_data_and_crlf() {
+        let evs = all(&[b"event: message_start\r\ndata: x\r\ndata: y\r\n\r\n: comment\n\n"]);
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].event.as_deref(), Some("message_start"));
+        assert_eq!(evs[0].data, "x\ny");
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let src = b"data: 1\n\ndata: 2\n\n";
+        let chunks: Vec<&[u8]> = src.chunks(1).collect();
+        let evs = all(&chunks);
+        assert_eq!(
+            evs.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+    }
+}

@@ -1,0 +1,651 @@
+//! Builds a call's output from its response: OpenAI chat/completions JSON and SSE chunks,
+//! Anthropic Messages JSON and SSE events. Per choice `index`: content concatenated, tool-call
+//! deltas merged by their index, token ids and logprobs concatenated, last non-null
+//! finish_reason kept; prompt token ids and usage picked up where the upstream reports them.
+
+use super::record::{ChoiceOutput, Tokens, ToolCall};
+use crate::observe::sse::{SseEvent, SseSplitter};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Response flavour, from the API endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `/v1/chat/completions` (and OpenAI-compatible servers).
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+    /// Anthropic `/v1/messages`.
+    Anthropic,
+    /// Anything else: only usage and the raw JSON are kept.
+    Other,
+}
+
+#[derive(Debug, Default)]
+struct ChoiceAcc {
+    role: Option<String>,
+    content: String,
+    has_content: bool,
+    reasoning: String,
+    tool_calls: BTreeMap<u64, ToolCall>,
+    finish_reason: Option<String>,
+    token_ids: Vec<i64>,
+    logprobs: Vec<f64>,
+    prompt_token_ids: Option<Vec<i64>>,
+}
+
+/// Accumulates one response.
+#[derive(Debug)]
+pub struct Accumulator {
+    flavor: Flavor,
+    choices: BTreeMap<u64, ChoiceAcc>,
+    /// Upstream response id (becomes the trace id).
+    pub response_id: Option<String>,
+    /// Upstream's model field.
+    pub response_model: Option<String>,
+    prompt_token_ids: Option<Vec<i64>>,
+    usage: Option<Tokens>,
+    splitter: SseSplitter,
+    /// Raw JSON body of a non-stream response (bounded).
+    json: Vec<u8>,
+    json_cap: usize,
+    /// Events seen (streams).
+    pub events: u64,
+    /// A JSON body could not be parsed.
+    pub parse_error: Option<String>,
+}
+
+/// Largest non-stream body kept for parsing: 64 MiB.
+const JSON_CAP: usize = 64 << 20;
+
+fn ids(v: &Value) -> Option<Vec<i64>> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+}
+
+fn u64_at(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+impl Accumulator {
+    /// A fresh accumulator for a response of `flavor`.
+    pub fn new(flavor: Flavor) -> Self {
+        Self {
+            flavor,
+            choices: BTreeMap::new(),
+            response_id: None,
+            response_model: None,
+            prompt_token_ids: None,
+            usage: None,
+            splitter: SseSplitter::new(),
+            json: Vec::new(),
+            json_cap: JSON_CAP,
+            events: 0,
+            parse_error: None,
+        }
+    }
+
+    /// Feeds SSE bytes.
+    pub fn feed_sse(&mut self, chunk: &[u8]) {
+        let mut events = Vec::new();
+        self.splitter.feed(chunk, |e| events.push(e));
+        for e in events {
+            self.on_event(&e);
+        }
+    }
+
+    /// Feeds bytes of a non-stream (JSON) body.
+    pub fn feed_json(&mut self, chunk: &[u8]) {
+        if self.json.len() + chunk.len() <= self.json_cap {
+            self.json.extend_from_slice(chunk);
+        }
+    }
+
+    /// Parses the buffered JSON body (call once at the end of a non-stream response).
+    pub fn finish_json(&mut self) {
+        if self.json.is_empty() {
+            return;
+        }
+        match serde_json::from_slice::<Value>(&self.json) {
+            Ok(v) => self.on_response_json(&v),
+            Err(e) => self.parse_error = Some(format!("response is not JSON: {e}")),
+        }
+        self.json = Vec::new();
+    }
+
+    fn choice(&mut self, index: u64) -> &mut ChoiceAcc {
+        self.choices.entry(index).or_default()
+    }
+
+    fn on_event(&mut self, e: &SseEvent) {
+        if e.data == "[DONE]" || e.data.is_empty() {
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+            return;
+        };
+        self.events += 1;
+        match self.flavor {
+            Flavor::Anthropic => self.on_anthropic_event(&v),
+            _ => self.on_openai_chunk(&v),
+        }
+    }
+
+    fn take_common(&mut self, v: &Value) {
+        if self.response_id.is_none() {
+            if let Some(id) = v.get("id").and_then(Value::as_str) {
+                self.response_id = Some(id.to_string());
+            }
+        }
+        if self.response_model.is_none() {
+            if let Some(m) = v.get("model").and_then(Value::as_str) {
+                self.response_model = Some(m.to_string());
+            }
+        }
+        if let Some(p) = v.get("prompt_token_ids").and_then(ids) {
+            self.prompt_token_ids.get_or_insert(p);
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(openai_usage(u));
+        }
+    }
+
+    fn on_openai_chunk(&mut self, v: &Value) {
+        self.take_common(v);
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+            return;
+        };
+        for c in choices {
+            let index = u64_at(c, "index").unwrap_or(0);
+            let flavor = self.flavor;
+            let acc = self.choice(index);
+            if let Some(d) = c.get("delta") {
+                if let Some(r) = d.get("role").and_then(Value::as_str) {
+                    acc.role = Some(r.to_string());
+                }
+                if let Some(t) = d.get("content").and_then(Value::as_str) {
+                    acc.content.push_str(t);
+                    acc.has_content = true;
+                }
+                for key in ["reasoning_content", "reasoning"] {
+                    if let Some(t) = d.get(key).and_then(Value::as_str) {
+                        acc.reasoning.push_str(t);
+                    }
+                }
+                if let Some(tcs) = d.get("tool_calls").and_then(Value::as_array) {
+                    for tc in tcs {
+                        merge_tool_call(&mut acc.tool_calls, tc);
+                    }
+                }
+                if let Some(t) = d.get("token_ids").and_then(ids) {
+                    acc.token_ids.extend(t);
+                }
+            }
+            if flavor == Flavor::Completions {
+                if let Some(t) = c.get("text").and_then(Value::as_str) {
+                    acc.content.push_str(t);
+                    acc.has_content = true;
+                }
+                if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
+                    acc.prompt_token_ids.get_or_insert(p);
+                }
+            }
+            if let Some(t) = c.get("token_ids").and_then(ids) {
+                acc.token_ids.extend(t);
+            }
+            collect_logprobs(c.get("logprobs"), &mut acc.logprobs);
+            if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
+                acc.finish_reason = Some(f.to_string());
+            }
+        }
+    }
+
+    fn on_response_json(&mut self, v: &Value) {
+        if self.flavor == Flavor::Anthropic {
+            self.on_anthropic_message(v);
+            return;
+        }
+        self.take_common(v);
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+            return;
+        };
+        for c in choices {
+            let index = u64_at(c, "index").unwrap_or(0);
+            let acc = self.choice(index);
+            if let Some(m) = c.get("message") {
+                acc.role = m.get("role").and_then(Value::as_str).map(str::to_string);
+                if let Some(t) = m.get("content").and_then(Value::as_str) {
+                    acc.content.push_str(t);
+                    acc.has_content = true;
+                }
+                for key in ["reasoning_content", "reasoning"] {
+                    if let Some(t) = m.get(key).and_then(Value::as_str) {
+                        acc.reasoning.push_str(t);
+                    }
+                }
+                if let Some(tcs) = m.get("tool_calls").and_then(Value::as_array) {
+                    for (i, tc) in tcs.iter().enumerate() {
+                        let mut tc = tc.clone();
+                        if tc.get("index").is_none() {
+                            if let Some(o) = tc.as_object_mut() {
+                                o.insert("index".into(), Value::from(i));
+                            }
+                        }
+                        merge_tool_call(&mut acc.tool_calls, &tc);
+                    }
+                }
+            }
+            if let Some(t) = c.get("text").and_then(Value::as_str) {
+                acc.content.push_str(t);
+                acc.has_content = true;
+            }
+            if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
+                acc.prompt_token_ids.get_or_insert(p);
+            }
+            if let Some(t) = c.get("token_ids").and_then(ids) {
+                acc.token_ids.extend(t);
+            }
+            collect_logprobs(c.get("logprobs"), &mut acc.logprobs);
+            if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
+                acc.finish_reason = Some(f.to_string());
+            }
+        }
+    }
+
+    fn on_anthropic_message(&mut self, v: &Value) {
+        if let Some(id) = v.get("id").and_then(Value::as_str) {
+            self.response_id.get_or_insert(id.to_string());
+        }
+        if let Some(m) = v.get("model").and_then(Value::as_str) {
+            self.response_model.get_or_insert(m.to_string());
+        }
+        let acc = self.choice(0);
+        acc.role = Some("assistant".into());
+        if let Some(blocks) = v.get("content").and_then(Value::as_array) {
+            for (i, b) in blocks.iter().enumerate() {
+                anthropic_block_start(acc, i as u64, b);
+            }
+        }
+        if let Some(s) = v.get("stop_reason").and_then(Value::as_str) {
+            acc.finish_reason = Some(s.to_string());
+        }
+        if let Some(u) = v.get("usage") {
+            self.usage = Some(anthropic_usage(u, None));
+        }
+    }
+
+    fn on_anthropic_event(&mut self, v: &Value) {
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+        match kind {
+            "message_start" => {
+                if let Some(m) = v.get("message") {
+                    if let Some(id) = m.get("id").and_then(Value::as_str) {
+                        self.response_id.get_or_insert(id.to_string());
+                    }
+                    if let Some(model) = m.get("model").and_then(Value::as_str) {
+                        self.response_model.get_or_insert(model.to_string());
+                    }
+                    if let Some(u) = m.get("usage") {
+                        self.usage = Some(anthropic_usage(u, None));
+                    }
+                }
+                self.choice(0).role = Some("assistant".into());
+            }
+            "content_block_start" => {
+                let index = u64_at(v, "index").unwrap_or(0);
+                if let Some(b) = v.get("content_block") {
+                    anthropic_block_start(self.choice(0), index, b);
+                }
+            }
+            "content_block_delta" => {
+                let index = u64_at(v, "index").unwrap_or(0);
+                let Some(d) = v.get("delta") else { return };
+                let acc = self.choice(0);
+                match d.get("type").and_then(Value::as_str).unwrap_or_default() {
+                    "text_delta" => {
+                        if let Some(t) = d.get("text").and_then(Value::as_str) {
+                            acc.content.push_str(t);
+                            acc.has_content = true;
+                        }
+                    }
+                    "thinking_delta" => {
+                        if let Some(t) = d.get("thinking").and_then(Value::as_str) {
+                            acc.reasoning.push_str(t);
+                        }
+                    }
+                    "input_json_delta" => {
+                        if let Some(t) = d.get("partial_json").and_then(Value::as_str) {
+                            acc.tool_calls
+                                .entry(index)
+                                .or_default()
+                                .arguments
+                                .push_str(t);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                if let Some(s) = v
+                    .get("delta")
+                    .and_then(|d| d.get("stop_reason"))
+                    .and_then(Value::as_str)
+                {
+                    self.choice(0).finish_reason = Some(s.to_string());
+                }
+                if let Some(u) = v.get("usage") {
+                    let prev = self.usage.take();
+                    self.usage = Some(anthropic_usage(u, prev));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Token usage, when the upstream reported it.
+    pub fn usage(&self) -> Option<Tokens> {
+        self.usage.clone()
+    }
+
+    /// Prompt token ids (root for chat, first choice's for completions).
+    pub fn prompt_token_ids(&self) -> Option<Vec<i64>> {
+        self.prompt_token_ids.clone().or_else(|| {
+            self.choices
+                .values()
+                .find_map(|c| c.prompt_token_ids.clone())
+        })
+    }
+
+    /// The accumulated choices, ordered by index.
+    pub fn choices(&self) -> Vec<ChoiceOutput> {
+        self.choices
+            .iter()
+            .map(|(index, c)| {
+                let mut message = Map::new();
+                message.insert(
+                    "role".into(),
+                    Value::from(c.role.clone().unwrap_or_else(|| "assistant".into())),
+                );
+                message.insert(
+                    "content".into(),
+                    if c.has_content || c.tool_calls.is_empty() {
+                        Value::from(c.content.clone())
+                    } else {
+                        Value::Null
+                    },
+                );
+                if !c.reasoning.is_empty() {
+                    message.insert("reasoning".into(), Value::from(c.reasoning.clone()));
+                }
+                if !c.tool_calls.is_empty() {
+                    let calls: Vec<Value> =
+                        c.tool_calls.values().map(ToolCall::to_openai).collect();
+                    message.insert("tool_calls".into(), Value::Array(calls));
+                }
+                ChoiceOutput {
+                    index: *index,
+                    message: Value::Object(message),
+                    finish_reason: c.finish_reason.clone(),
+                    output_token_ids: c.token_ids.clone(),
+                    rollout_logprobs: if c.logprobs.is_empty() {
+                        None
+                    } else {
+                        Some(c.logprobs.clone())
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+fn merge_tool_call(calls: &mut BTreeMap<u64, ToolCall>, tc: &Value) {
+    let index = u64_at(tc, "index").unwrap_or(calls.len() as u64);
+    let entry = calls.entry(index).or_default();
+    if let Some(id) = tc.get("id").and_then(Value::as_str) {
+        entry.id = Some(id.to_string());
+    }
+    if let Some(t) = tc.get("type").and_then(Value::as_str) {
+        entry.kind = Some(t.to_string());
+    }
+    if let Some(f) = tc.get("function") {
+        if let Some(n) = f.get("name").and_then(Value::as_str) {
+            entry.name.push_str(n);
+        }
+        match f.get("arguments") {
+            Some(Value::String(a)) => entry.arguments.push_str(a),
+            Some(other) if !other.is_null() => entry.arguments.push_str(&other.to_string()),
+            _ => {}
+        }
+    }
+}
+
+fn anthropic_block_start(acc: &mut ChoiceAcc, index: u64, b: &Value) {
+    match b.get("type").and_then(Value::as_str).unwrap_or_default() {
+        "text" => {
+            if let Some(t) = b.get("text").and_then(Value::as_str) {
+                acc.content.push_str(t);
+            }
+            acc.has_content = true;
+        }
+        "thinking" => {
+            if let Some(t) = b.get("thinking").and_then(Value::as_str) {
+                acc.reasoning.push_str(t);
+            }
+        }
+        "tool_use" => {
+            let entry = acc.tool_calls.entry(index).or_default();
+            entry.id = b.get("id").and_then(Value::as_str).map(str::to_string);
+            entry.kind = Some("function".into());
+            entry.name = b
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            // Non-stream responses carry the whole input; streams start with `{}` and send deltas.
+            if let Some(input) = b.get("input") {
+                if input.as_object().is_some_and(|o| !o.is_empty()) {
+                    entry.arguments = input.to_string();
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Per-token logprobs: chat (`content[].logprob`) or completions (`token_logprobs`).
+fn collect_logprobs(lp: Option<&Value>, out: &mut Vec<f64>) {
+    let Some(lp) = lp.filter(|v| !v.is_null()) else {
+        return;
+    };
+    if let Some(content) = lp.get("content").and_then(Value::as_array) {
+        out.extend(
+            content
+                .iter()
+                .filter_map(|t| t.get("logprob").and_then(Value::as_f64)),
+        );
+    } else if let Some(tl) = lp.get("token_logprobs").and_then(Value::as_array) {
+        out.extend(tl.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)));
+    }
+}
+
+fn openai_usage(u: &Value) -> Tokens {
+    let prompt = u64_at(u, "prompt_tokens")
+        .or_else(|| u64_at(u, "input_tokens"))
+        .unwrap_or(0);
+    let completion = u64_at(u, "completion_tokens")
+        .or_else(|| u64_at(u, "output_tokens"))
+        .unwrap_or(0);
+    let total = u64_at(u, "total_tokens").unwrap_or(prompt + completion);
+    let cached = u
+        .get("prompt_tokens_details")
+        .and_then(|d| u64_at(d, "cached_tokens"))
+        .or_else(|| {
+            u.get("input_tokens_details")
+                .and_then(|d| u64_at(d, "cached_tokens"))
+        });
+    Tokens {
+        prompt,
+        completion,
+        total,
+        cached,
+    }
+}
+
+fn anthropic_usage(u: &Value, prev: Option<Tokens>) -> Tokens {
+    let prev = prev.unwrap_or_default();
+    let cache_read = u64_at(u, "cache_read_input_tokens");
+    let cache_write = u64_at(u, "cache_creation_input_tokens");
+    let input = u64_at(u, "input_tokens");
+    let prompt = match input {
+        Some(i) => i + cache_read.unwrap_or(0) + cache_write.unwrap_or(0),
+        None => prev.prompt,
+    };
+    let completion = u64_at(u, "output_tokens").unwrap_or(prev.completion);
+    Tokens {
+        prompt,
+        completion,
+        total: prompt + completion,
+        cached: cache_read.or(prev.cached),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sse(events: &[Value]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            out.extend_from_slice(format!("data: {e}\n\n").as_bytes());
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        out
+    }
+
+    #[test]
+    fn chat_stream_two_choices_tool_calls_tokens_logprobs_usage() {
+        let body = sse(&[
+            json!({"id":"chatcmpl-1","model":"q","prompt_token_ids":[1,2,3],"choices":[
+                {"index":0,"delta":{"role":"assistant","content":"He"},"token_ids":[10],"logprobs":{"content":[{"token":"He","logprob":-0.1}]}},
+                {"index":1,"delta":{"role":"assistant","content":"Yo"},"token_ids":[20],"logprobs":{"content":[{"token":"Yo","logprob":-0.2}]}}]}),
+            json!({"id":"chatcmpl-1","choices":[
+                {"index":0,"delta":{"content":"llo"},"token_ids":[11],"logprobs":{"content":[{"token":"llo","logprob":-0.3}]},"finish_reason":"stop"},
+                {"index":1,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":"{\"a\""}}]},"token_ids":[21],"logprobs":{"content":[{"logprob":-0.4}]}}]}),
+            json!({"id":"chatcmpl-1","choices":[
+                {"index":1,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]},"token_ids":[22],"logprobs":{"content":[{"logprob":-0.5}]},"finish_reason":"tool_calls"}]}),
+            json!({"id":"chatcmpl-1","choices":[{"index":0,"delta":{}}]}),
+            json!({"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}),
+        ]);
+        let mut acc = Accumulator::new(Flavor::Chat);
+        for c in body.chunks(7) {
+            acc.feed_sse(c);
+        }
+        assert_eq!(acc.response_id.as_deref(), Some("chatcmpl-1"));
+        assert_eq!(acc.prompt_token_ids(), Some(vec![1, 2, 3]));
+        let u = acc.usage().unwrap();
+        assert_eq!((u.prompt, u.completion, u.total), (3, 5, 8));
+        let ch = acc.choices();
+        assert_eq!(ch.len(), 2);
+        assert_eq!(ch[0].message["content"], "Hello");
+        assert_eq!(ch[0].output_token_ids, vec![10, 11]);
+        assert_eq!(ch[0].rollout_logprobs, Some(vec![-0.1, -0.3]));
+        assert_eq!(ch[0].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(ch[1].message["content"], "Yo");
+        assert_eq!(
+            ch[1].message["tool_calls"][0]["function"]["arguments"],
+            "{\"a\":1}"
+        );
+        assert_eq!(ch[1].message["tool_calls"][0]["id"], "call_1");
+        assert_eq!(ch[1].output_token_ids, vec![20, 21, 22]);
+        assert_eq!(ch[1].rollout_logprobs, Some(vec![-0.2, -0.4, -0.5]));
+        assert_eq!(ch[1].finish_reason.as_deref(), Some("tool_calls"));
+    }
+
+    #[test]
+    fn completions_stream_per_choice_prompt_ids() {
+        let body = sse(&[
+            json!({"id":"cmpl-1","choices":[{"index":0,"text":"a","prompt_token_ids":[7,8],"token_ids":[1],"logprobs":{"token_logprobs":[-1.0]}}]}),
+            json!({"id":"cmpl-1","choices":[{"index":0,"text":"b","token_ids":[2],"logprobs":{"token_logprobs":[-2.0]},"finish_reason":"length"}]}),
+        ]);
+        let mut acc = Accumulator::new(Flavor::Completions);
+        acc.feed_sse(&body);
+        assert_eq!(acc.prompt_token_ids(), Some(vec![7, 8]));
+        let ch = acc.choices();
+        assert_eq!(ch[0].message["content"], "ab");
+        assert_eq!(ch[0].output_token_ids, vec![1, 2]);
+        assert_eq!(ch[0].rollout_logprobs, Some(vec![-1.0, -2.0]));
+    }
+
+    #[test]
+    fn chat_json_response() {
+        let v = json!({"id":"chatcmpl-2","prompt_token_ids":[5],"choices":[{"index":0,"message":{"role":"assistant","content":"hi","reasoning_content":"think"},
+            "token_ids":[9,9],"logprobs":{"content":[{"logprob":-0.5},{"logprob":-0.25}]},"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}});
+        let mut acc = Accumulator::new(Flavor::Chat);
+        acc.feed_json(v.to_string().as_bytes());
+        acc.finish_json();
+        let ch = acc.choices();
+        assert_eq!(ch[0].message["reasoning"], "think");
+        assert_eq!(ch[0].output_token_ids, vec![9, 9]);
+        assert_eq!(acc.usage().unwrap().cached, Some(1));
+        assert_eq!(acc.prompt_token_ids(), Some(vec![5]));
+    }
+
+    #[test]
+    fn anthropic_stream() {
+        let events = [
+            (
+                "message_start",
+                json!({"type":"message_start","message":{"id":"msg_1","model":"claude","usage":{"input_tokens":10,"output_tokens":1}}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"lo"}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"tu_1","name":"f","input":{}}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"x\":"}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"2}"}}),
+            ),
+            (
+                "message_delta",
+                json!({"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":15}}),
+            ),
+            ("message_stop", json!({"type":"message_stop"})),
+        ];
+        let mut body = Vec::new();
+        for (name, e) in events {
+            body.extend_from_slice(format!("event: {name}\ndata: {e}\n\n").as_bytes());
+        }
+        let mut acc = Accumulator::new(Flavor::Anthropic);
+        for c in body.chunks(5) {
+            acc.feed_sse(c);
+        }
+        assert_eq!(acc.response_id.as_deref(), Some("msg_1"));
+        let u = acc.usage().unwrap();
+        assert_eq!((u.prompt, u.completion, u.total), (10, 15, 25));
+        let ch = acc.choices();
+        assert_eq!(ch[0].message["content"], "Hello");
+        assert_eq!(
+            ch[0].message["tool_calls"][0]["function"]["arguments"],
+            "{\"x\":2}"
+        );
+        assert_eq!(ch[0].finish_reason.as_deref(), Some("tool_use"));
+    }
+}

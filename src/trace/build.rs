@@ -1,0 +1,126 @@
+//! Turns what a call did into its trace record (a plain function: unit-tested without a server).
+
+use super::accumulate::Flavor;
+use super::record::{TraceInput, TraceOutput, TraceRecord};
+use crate::proxy::forward::Observer;
+use crate::route::api::ApiEndpoint;
+use crate::route::slug::PathMeta;
+use crate::shaping::body::TopLevel;
+use serde_json::{Map, Value};
+
+/// The response flavour the accumulator should expect for an endpoint.
+pub fn flavor_of(api: ApiEndpoint) -> Flavor {
+    match api {
+        ApiEndpoint::ChatCompletions => Flavor::Chat,
+        ApiEndpoint::Completions => Flavor::Completions,
+        ApiEndpoint::Messages => Flavor::Anthropic,
+        _ => Flavor::Other,
+    }
+}
+
+/// Everything known about a finished call.
+pub struct CallFacts<'a> {
+    /// llm-edge request id.
+    pub request_id: &'a str,
+    /// API endpoint.
+    pub api: ApiEndpoint,
+    /// Client model name.
+    pub model: &'a str,
+    /// Upstream model id.
+    pub upstream_model: &'a str,
+    /// Upstream name.
+    pub upstream: &'a str,
+    /// Replica used last.
+    pub replica: Option<&'a str>,
+    /// Path metadata.
+    pub meta: &'a PathMeta,
+    /// The client's request body.
+    pub body: &'a [u8],
+    /// Unix seconds at the start.
+    pub timestamp: f64,
+    /// Total latency in ms.
+    pub latency_ms: f64,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Error, if the call failed.
+    pub error: Option<String>,
+    /// What was observed of the response.
+    pub observer: Option<&'a Observer>,
+}
+
+fn raw_to_value(top: &TopLevel<'_>, key: &str) -> Option<Value> {
+    top.get(key)
+        .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+}
+
+/// Builds the record. Parses the request's `messages`/`prompt`/`input` (traced calls only).
+pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
+    let mut input = TraceInput::default();
+    let mut stream = false;
+    if let Ok(top) = TopLevel::parse(f.body) {
+        stream = top.get_bool("stream") == Some(true);
+        input.messages = raw_to_value(&top, "messages");
+        // Anthropic keeps the system prompt beside the messages; put it first, as OpenAI does.
+        if let (Some(system), Some(Value::Array(msgs))) =
+            (raw_to_value(&top, "system"), input.messages.as_mut())
+        {
+            msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
+        }
+        input.prompt = raw_to_value(&top, "prompt");
+        input.input = raw_to_value(&top, "input");
+    }
+    let mut output = TraceOutput::default();
+    let mut tokens = Default::default();
+    let mut trace_id = None;
+    if let Some(o) = f.observer {
+        let choices = o.acc.choices();
+        if let Some(c0) = choices.first() {
+            output.message = c0.message.clone();
+            output.finish_reason = c0.finish_reason.clone();
+            output.output_token_ids = c0.output_token_ids.clone();
+            output.rollout_logprobs = c0.rollout_logprobs.clone();
+        }
+        output.choices = choices;
+        input.prompt_token_ids = o.acc.prompt_token_ids().unwrap_or_default();
+        tokens = o.acc.usage().unwrap_or_default();
+        trace_id = o.acc.response_id.clone();
+    }
+    let mut metadata: Map<String, Value> = f.meta.metadata.clone().unwrap_or_default();
+    if let Some(id) = &f.meta.session_id {
+        metadata.insert("session_id".into(), Value::from(id.clone()));
+    }
+    let session_uids = metadata
+        .get("session_uids")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    TraceRecord {
+        trace_id: trace_id.unwrap_or_else(|| crate::ids::new_id("tr_")),
+        request_id: f.request_id.to_string(),
+        name: format!("proxy/{}", f.model),
+        timestamp: f.timestamp,
+        latency_ms: f.latency_ms,
+        ttft_ms: f
+            .observer
+            .and_then(|o| o.ttft)
+            .map(|d| d.as_secs_f64() * 1000.0),
+        route: f.api.label().to_string(),
+        model: f.model.to_string(),
+        upstream_model: f.upstream_model.to_string(),
+        upstream: f.upstream.to_string(),
+        replica: f.replica.map(str::to_string),
+        session_name: f.meta.session_name().map(str::to_string),
+        session_uids,
+        metadata,
+        input,
+        output,
+        tokens,
+        stream,
+        status: f.status,
+        error: f.error,
+    }
+}
