@@ -44,6 +44,11 @@ impl EdgeServer {
     /// Builds every service from a validated config; fails when a trace sink cannot be opened.
     pub fn new(cfg: Config, opts: RunOptions) -> Result<Self, String> {
         let tracer = Arc::new(Tracer::start(&cfg.tracing).map_err(|e| format!("tracing: {e}"))?);
+        Ok(Self::with_tracer(cfg, opts, tracer))
+    }
+
+    /// Builds every service around a given tracer (tests use custom sinks).
+    pub fn with_tracer(cfg: Config, opts: RunOptions, tracer: Arc<Tracer>) -> Self {
         let conf = ServerConf {
             threads: cfg.server.threads,
             pid_file: cfg.server.pid_file.clone(),
@@ -91,7 +96,7 @@ impl EdgeServer {
             svc.add_tcp(&addr.to_string());
             server.add_service(svc);
         }
-        Ok(Self { server, state })
+        Self { server, state }
     }
 
     /// The shared config snapshot (for reloads and admin views).

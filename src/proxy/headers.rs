@@ -126,6 +126,11 @@ pub fn downstream_response(upstream: &ResponseHeader) -> pingora::Result<Respons
         }
         resp.append_header(name.clone(), value.clone())?;
     }
+    // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
+    // it by closing the connection, making a broken stream look complete).
+    if resp.headers.get(header::CONTENT_LENGTH).is_none() {
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
     Ok(resp)
 }
 

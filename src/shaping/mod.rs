@@ -2,3 +2,4 @@
 
 pub mod body;
 pub mod sampling;
+pub mod strip;

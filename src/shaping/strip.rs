@@ -1,0 +1,227 @@
+//! `strip_injected_fields`: removes from responses what llm-edge asked for on the client's
+//! behalf (logprobs, token ids, the usage event), so the client sees what it would have seen
+//! without the proxy. Traces still get the full upstream response.
+
+use serde_json::Value;
+
+/// What to remove, derived from the fields injected into the request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Strip {
+    /// `choices[].logprobs` (the client did not ask for logprobs).
+    pub logprobs: bool,
+    /// `top_logprobs` inside logprobs entries (the client asked for logprobs only).
+    pub top_logprobs: bool,
+    /// `prompt_token_ids` / `token_ids` (vLLM `return_token_ids`).
+    pub token_ids: bool,
+    /// The final usage event and per-chunk `usage: null` (injected `include_usage`).
+    pub usage_event: bool,
+}
+
+impl Strip {
+    /// What to strip for these injected field names.
+    pub fn for_injected(injected: &[String]) -> Self {
+        let has = |f: &str| injected.iter().any(|i| i == f);
+        Self {
+            logprobs: has("logprobs"),
+            top_logprobs: has("top_logprobs") && !has("logprobs"),
+            token_ids: has("return_token_ids"),
+            usage_event: has("stream_options.include_usage"),
+        }
+    }
+
+    /// Whether anything needs removing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Edits one response object in place; returns false when the whole event should be
+    /// withheld (the usage-only chunk the client did not ask for).
+    pub fn apply(&self, v: &mut Value) -> bool {
+        let Some(obj) = v.as_object_mut() else {
+            return true;
+        };
+        if self.usage_event {
+            let no_choices = obj
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|c| c.is_empty());
+            if no_choices && obj.get("usage").is_some_and(|u| !u.is_null()) {
+                return false;
+            }
+            if obj.get("usage").is_some_and(Value::is_null) {
+                obj.remove("usage");
+            }
+        }
+        if self.token_ids {
+            obj.remove("prompt_token_ids");
+        }
+        if let Some(choices) = obj.get_mut("choices").and_then(Value::as_array_mut) {
+            for c in choices.iter_mut().filter_map(Value::as_object_mut) {
+                if self.token_ids {
+                    c.remove("token_ids");
+                    c.remove("prompt_token_ids");
+                    if let Some(d) = c.get_mut("delta").and_then(Value::as_object_mut) {
+                        d.remove("token_ids");
+                    }
+                }
+                if self.logprobs {
+                    c.remove("logprobs");
+                } else if self.top_logprobs {
+                    if let Some(content) = c
+                        .get_mut("logprobs")
+                        .and_then(|l| l.get_mut("content"))
+                        .and_then(Value::as_array_mut)
+                    {
+                        for t in content.iter_mut().filter_map(Value::as_object_mut) {
+                            t.remove("top_logprobs");
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Rewrites a whole JSON body; returns the original on anything unexpected.
+    pub fn rewrite_json(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let mut v: Value = serde_json::from_slice(body).ok()?;
+        self.apply(&mut v);
+        serde_json::to_vec(&v).ok()
+    }
+
+    /// Rewrites one SSE event's data; `None` withholds the event, `Some(None)` keeps it as is.
+    pub fn rewrite_event(&self, data: &str) -> Option<Option<String>> {
+        if data == "[DONE]" {
+            return Some(None);
+        }
+        let Ok(mut v) = serde_json::from_str::<Value>(data) else {
+            return Some(None);
+        };
+        if !self.apply(&mut v) {
+            return None;
+        }
+        Some(Some(v.to_string()))
+    }
+}
+
+/// Re-emits an SSE stream event by event with [`Strip`] applied. Event boundaries are kept;
+/// a partial event waits for its end.
+#[derive(Debug)]
+pub struct SseStripper {
+    strip: Strip,
+    pending: Vec<u8>,
+}
+
+impl SseStripper {
+    /// A stripper for `strip`.
+    pub fn new(strip: Strip) -> Self {
+        Self {
+            strip,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Feeds upstream bytes; returns the bytes to send downstream now.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut start = 0;
+        while let Some(rel) = find_event_end(&self.pending[start..]) {
+            let end = start + rel;
+            let raw = &self.pending[start..end];
+            self.emit(raw, &mut out);
+            start = end;
+        }
+        self.pending.drain(..start);
+        out
+    }
+
+    /// Whatever is left at the end of the stream (an unterminated event), as it was.
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
+    fn emit(&self, raw: &[u8], out: &mut Vec<u8>) {
+        let text = String::from_utf8_lossy(raw);
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect();
+        if data.is_empty() {
+            out.extend_from_slice(raw);
+            return;
+        }
+        match self.strip.rewrite_event(&data.join("\n")) {
+            None => {}
+            Some(None) => out.extend_from_slice(raw),
+            Some(Some(new)) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(new.as_bytes());
+                out.extend_from_slice(b"\n\n");
+            }
+        }
+    }
+}
+
+/// End (exclusive, separator included) of the first complete event.
+fn find_event_end(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] == b'\n' && b[i + 1] == b'\n' {
+            return Some(i + 2);
+        }
+        if b[i] == b'\r'
+            && b[i + 1] == b'\n'
+            && b.get(i + 2) == Some(&b'\r')
+            && b.get(i + 3) == Some(&b'\n')
+        {
+            return Some(i + 4);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_response_loses_injected_fields() {
+        let s = Strip::for_injected(&["logprobs".into(), "return_token_ids".into()]);
+        let body = json!({"id":"x","prompt_token_ids":[1],"choices":[{"index":0,"message":{"content":"hi"},"logprobs":{"content":[]},"token_ids":[2]}]});
+        let out: Value =
+            serde_json::from_slice(&s.rewrite_json(body.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            out,
+            json!({"id":"x","choices":[{"index":0,"message":{"content":"hi"}}]})
+        );
+    }
+
+    #[test]
+    fn sse_events_keep_boundaries_and_usage_event_is_withheld() {
+        let s = Strip::for_injected(&["logprobs".into(), "stream_options.include_usage".into()]);
+        let mut st = SseStripper::new(s);
+        let src = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"logprobs\":{\"content\":[]}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut out = Vec::new();
+        for c in src.as_bytes().chunks(9) {
+            out.extend(st.feed(c));
+        }
+        out.extend(st.finish());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"index\":0}]}\n\ndata: [DONE]\n\n"
+        );
+    }
+
+    #[test]
+    fn nothing_injected_nothing_stripped() {
+        assert!(Strip::for_injected(&["temperature".into()]).is_empty());
+    }
+}

@@ -1,0 +1,150 @@
+//! Runs llm-edge in-process: build the server from YAML, run it on its own thread, and shut it
+//! down (fast) when the guard is dropped.
+
+use async_trait::async_trait;
+use llm_edge::server::{EdgeServer, RunOptions};
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How long a proxy may take to accept connections after start.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A port that was free a moment ago (bound to `127.0.0.1:0`, then released). Also serves as a
+/// "down replica": nothing listens there.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A per-test path under the system temp dir, unique within this process and across processes.
+pub fn temp_path(name: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!("llm-edge-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// Turns on the proxy's logs for debugging when `LLM_EDGE_TEST_LOG` is set (e.g. `debug`).
+fn init_logging() {
+    if let Ok(filter) = std::env::var("LLM_EDGE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Pingora's shutdown signal, fed by the guard.
+struct StopWatch(watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        // A dropped sender also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A running llm-edge; fast-shuts down and joins its thread when dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+    files: Vec<PathBuf>,
+}
+
+impl Proxy {
+    /// Starts llm-edge with `yaml` (upstreams, models, routes, limits...). The harness adds
+    /// `listen` on a free port and a `server` section (2 threads, no grace period, per-test
+    /// pid file and upgrade socket), so `yaml` must not contain those two keys.
+    pub fn start(yaml: &str) -> Self {
+        Self::start_with_env(yaml, &[])
+    }
+
+    /// Like [`Proxy::start`], resolving `os.environ/NAME` and `${NAME}` from `env` only.
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Self {
+        init_logging();
+        let port = free_port();
+        let pid_file = temp_path("pid");
+        let upgrade_sock = temp_path("upgrade.sock");
+        let text = format!(
+            "listen: [\"127.0.0.1:{port}\"]\nserver: {{threads: 2, grace_period: 0s, pid_file: {:?}, upgrade_sock: {:?}}}\n{yaml}",
+            pid_file.display().to_string(),
+            upgrade_sock.display().to_string(),
+        );
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cfg = llm_edge::config::from_yaml_str(&text, &|name| env.get(name).cloned())
+            .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        let (stop, rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name(format!("llm-edge-{port}"))
+            .spawn(move || {
+                let server = EdgeServer::build(cfg, RunOptions::default());
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(StopWatch(rx)),
+                });
+            })
+            .expect("spawn the proxy thread");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let proxy = Self {
+            addr,
+            stop,
+            thread: Some(thread),
+            files: vec![pid_file, upgrade_sock],
+        };
+        proxy.wait_accepting();
+        proxy
+    }
+
+    fn wait_accepting(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            let finished = self.thread.as_ref().is_some_and(|t| t.is_finished());
+            assert!(!finished, "the proxy thread exited during start-up");
+            assert!(
+                Instant::now() < deadline,
+                "llm-edge did not accept connections on {} within {START_TIMEOUT:?}",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The proxy's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            // A panic in the proxy thread was already printed; do not panic again in drop.
+            let _ = t.join();
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}

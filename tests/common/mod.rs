@@ -1,0 +1,81 @@
+//! Shared support for the end-to-end tests: an in-process llm-edge ([`harness::Proxy`]), a
+//! scriptable recording upstream ([`mock::Mock`]) and small helpers.
+
+// Each test crate compiles this module on its own and uses a subset of it.
+#![allow(dead_code)]
+
+pub mod harness;
+pub mod mock;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// An HTTP/1.1 client for talking to the proxy: no system proxy, no compression, no redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("reqwest client")
+}
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Awaits `fut`, failing the test if it takes longer than `timeout`.
+pub async fn within<T>(timeout: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {timeout:?}"))
+}
+
+/// Checks an llm-edge error response: `status`, `Content-Type: application/json`, and a body of
+/// exactly `{"error":{"message","type","code"}}` with the given `code`. Returns the body.
+pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap()),
+        Some("application/json"),
+        "content-type"
+    );
+    let body = resp.bytes().await.expect("error body");
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {body:?}"));
+    assert_error_shape(&v, code);
+    v
+}
+
+/// Checks that `v` is exactly `{"error":{"message":<non-empty>,"type":<non-empty>,"code":code}}`.
+pub fn assert_error_shape(v: &serde_json::Value, code: &str) {
+    let top = v.as_object().expect("error body is an object");
+    assert_eq!(top.len(), 1, "only \"error\" at the top level: {v}");
+    let e = v["error"].as_object().expect("\"error\" is an object");
+    let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "type"], "error fields: {v}");
+    assert!(
+        !e["message"]
+            .as_str()
+            .expect("message is a string")
+            .is_empty(),
+        "{v}"
+    );
+    assert!(
+        !e["type"].as_str().expect("type is a string").is_empty(),
+        "{v}"
+    );
+    assert_eq!(e["code"], code, "error code: {v}");
+}
