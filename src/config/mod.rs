@@ -145,6 +145,8 @@ pub struct ModelConfig {
     pub upstream_model: Option<String>,
     /// Sampling policy: the upstream's, with the model's rules replacing same-field ones.
     pub sampling: Policy,
+    /// Remove injected fields the client did not ask for from responses.
+    pub strip_injected_fields: bool,
 }
 
 /// A pass-through route.
@@ -301,6 +303,7 @@ pub fn validate(
             upstream: m.upstream,
             upstream_model,
             sampling,
+            strip_injected_fields: m.strip_injected_fields,
         });
     }
 

@@ -208,6 +208,9 @@ pub struct RawModel {
     pub model: Option<String>,
     /// Sampling policy (merged over the upstream's).
     pub sampling: Option<RawSampling>,
+    /// Remove injected fields the client did not ask for from responses.
+    #[serde(default)]
+    pub strip_injected_fields: bool,
 }
 
 /// One entry of `routes:`.

@@ -8,6 +8,7 @@ use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::shaping::body::{json_string, Edit, TopLevel};
 use crate::shaping::sampling;
+use crate::shaping::strip::Strip;
 use crate::snapshot::Snapshot;
 use crate::trace::build::{build_record, flavor_of, CallFacts};
 use crate::trace::Tracer;
@@ -244,13 +245,18 @@ async fn route_and_forward(
     let inject = injection_enabled(session.req_header(), meta);
     let shaped = shape_body(body, &top, m, &upstream.cfg, meta, inject);
     drop(top);
-    ctx.injected = shaped.injected;
+    ctx.injected = shaped.injected.clone();
     let client = session.req_header().clone();
+    let strip = m
+        .strip_injected_fields
+        .then(|| Strip::for_injected(&shaped.injected))
+        .filter(|s| !s.is_empty());
     let out = Outbound {
         upstream,
         client: &client,
         path_and_query,
         body: shaped.body,
+        strip,
     };
     forward::forward(session, connector, out, ctx, obs).await
 }

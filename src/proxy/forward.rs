@@ -6,12 +6,13 @@ use super::ctx::RequestCtx;
 use super::headers;
 use super::respond;
 use crate::error::EdgeError;
+use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
 use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::ErrorType;
@@ -42,6 +43,8 @@ pub struct Outbound<'a> {
     pub path_and_query: &'a str,
     /// The body to send (whole, possibly edited).
     pub body: Bytes,
+    /// Injected fields to remove from a successful response (`strip_injected_fields`).
+    pub strip: Option<Strip>,
 }
 
 /// Forwards the call and streams the response downstream. `Ok` means the exchange completed;
@@ -107,26 +110,49 @@ pub async fn forward(
         }
         replica.mark_ok();
         ctx.status = status;
-        let down = headers::downstream_response(resp)
+        let mut down = headers::downstream_response(resp)
             .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
         let is_sse = resp
             .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        if session
-            .write_response_header(Box::new(down), false)
-            .await
-            .is_err()
-        {
-            return Err(EdgeError::ClientClosed);
-        }
-        ctx.responded = true;
+        let transform = match (&out.strip, (200..300).contains(&status)) {
+            (Some(st), true) if is_sse => Transform::Sse(SseStripper::new(st.clone())),
+            (Some(st), true) => Transform::Json(st.clone(), Vec::new()),
+            _ => Transform::None,
+        };
         let mut obs = obs;
         if let Some(o) = obs.as_deref_mut() {
             o.begin(is_sse);
         }
-        return stream_body(session, connector, us, &replica, is_sse, deadline, &t, obs).await;
+        let mut relay = Relay {
+            is_sse,
+            transform,
+            held_header: None,
+        };
+        if matches!(relay.transform, Transform::Json(..)) {
+            // The rewritten body changes length: the header waits for the whole body.
+            relay.held_header = Some(down);
+        } else {
+            if matches!(relay.transform, Transform::Sse(_)) {
+                down.remove_header(&http::header::CONTENT_LENGTH);
+                let _ = down.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+            }
+            if session
+                .write_response_header(Box::new(down), false)
+                .await
+                .is_err()
+            {
+                return Err(EdgeError::ClientClosed);
+            }
+            ctx.responded = true;
+        }
+        let r = stream_body(session, connector, us, &replica, relay, deadline, &t, obs).await;
+        if r.is_ok() {
+            ctx.responded = true;
+        }
+        return r;
     }
     Err(last_err)
 }
@@ -201,6 +227,24 @@ enum Step {
     Deadline,
 }
 
+/// How the response body reaches the client.
+enum Transform {
+    /// Byte for byte (the normal case).
+    None,
+    /// SSE events re-emitted with injected fields stripped.
+    Sse(SseStripper),
+    /// A JSON body collected, stripped, and sent with its new length.
+    Json(Strip, Vec<u8>),
+}
+
+/// Relay state for one response.
+struct Relay {
+    is_sse: bool,
+    transform: Transform,
+    /// Header not yet sent (JSON rewrite: sent with the rewritten body).
+    held_header: Option<ResponseHeader>,
+}
+
 /// Hot path: relays response body chunks downstream as they arrive, watching for the client
 /// going away so the upstream request is dropped promptly.
 #[allow(clippy::too_many_arguments)]
@@ -209,7 +253,7 @@ async fn stream_body(
     connector: &Connector,
     mut us: HttpSession,
     replica: &Replica,
-    is_sse: bool,
+    mut relay: Relay,
     deadline: Instant,
     t: &crate::config::Timeouts,
     mut obs: Option<&mut Observer>,
@@ -239,31 +283,40 @@ async fn stream_body(
         };
         match step {
             Step::Chunk(Some(chunk)) => {
-                if chunk.len() >= 2 {
-                    tail = [chunk[chunk.len() - 2], chunk[chunk.len() - 1]];
-                } else if let Some(&b) = chunk.last() {
-                    tail = [tail[1], b];
-                }
                 // Forward first; the observer gets a cheap clone afterwards.
                 let seen = obs.is_some().then(|| chunk.clone());
-                if session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .is_err()
-                {
-                    // Dropping `us` closes the upstream connection: the upstream sees the abort.
-                    return Err(EdgeError::ClientClosed);
+                let outgoing = match &mut relay.transform {
+                    Transform::None => Some(chunk),
+                    Transform::Sse(st) => {
+                        let out = st.feed(&chunk);
+                        (!out.is_empty()).then(|| Bytes::from(out))
+                    }
+                    Transform::Json(_, buf) => {
+                        buf.extend_from_slice(&chunk);
+                        None
+                    }
+                };
+                if let Some(out) = outgoing {
+                    if out.len() >= 2 {
+                        tail = [out[out.len() - 2], out[out.len() - 1]];
+                    } else if let Some(&b) = out.last() {
+                        tail = [tail[1], b];
+                    }
+                    if session.write_response_body(Some(out), false).await.is_err() {
+                        // Dropping `us` closes the upstream connection: the upstream sees the abort.
+                        return Err(EdgeError::ClientClosed);
+                    }
                 }
                 if let (Some(o), Some(c)) = (obs.as_deref_mut(), seen) {
                     o.on_chunk(&c);
                 }
             }
             Step::Chunk(None) => {
-                if session.write_response_body(None, true).await.is_err() {
-                    return Err(EdgeError::ClientClosed);
-                }
                 if let Some(o) = obs.as_deref_mut() {
                     o.finish();
+                }
+                if finish_body(session, &mut relay).await.is_err() {
+                    return Err(EdgeError::ClientClosed);
                 }
                 connector
                     .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
@@ -285,16 +338,49 @@ async fn stream_body(
                         e.etype().as_str()
                     ))
                 };
-                end_broken_stream(session, is_sse, tail, &err).await;
+                if relay.held_header.is_none() {
+                    end_broken_stream(session, relay.is_sse, tail, &err).await;
+                }
                 return Err(err);
             }
             Step::Deadline => {
                 let err = EdgeError::UpstreamTimeout(format!("total time {:?} exceeded", t.total));
-                end_broken_stream(session, is_sse, tail, &err).await;
+                if relay.held_header.is_none() {
+                    end_broken_stream(session, relay.is_sse, tail, &err).await;
+                }
                 return Err(err);
             }
         }
     }
+}
+
+/// Ends the downstream body: flushes a stripper's remainder, or sends a held header with the
+/// rewritten JSON body.
+async fn finish_body(session: &mut Session, relay: &mut Relay) -> pingora::Result<()> {
+    match &mut relay.transform {
+        Transform::None => {}
+        Transform::Sse(st) => {
+            let rest = st.finish();
+            if !rest.is_empty() {
+                session
+                    .write_response_body(Some(Bytes::from(rest)), false)
+                    .await?;
+            }
+        }
+        Transform::Json(strip, buf) => {
+            let body = strip
+                .rewrite_json(buf)
+                .map(Bytes::from)
+                .unwrap_or_else(|| Bytes::from(std::mem::take(buf)));
+            if let Some(mut h) = relay.held_header.take() {
+                h.remove_header(&http::header::TRANSFER_ENCODING);
+                h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                session.write_response_header(Box::new(h), false).await?;
+            }
+            return session.write_response_body(Some(body), true).await;
+        }
+    }
+    session.write_response_body(None, true).await
 }
 
 /// Appends an SSE error event to a stream that broke; the caller then aborts the body so the
