@@ -6,8 +6,10 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use llm_edge::config::schema::UpstreamKind;
 use llm_edge::config::secret::Secret;
 use llm_edge::config::UpstreamKey;
+use llm_edge::observe::sse::SseSplitter;
 use llm_edge::route::{api, slug};
 use llm_edge::shaping::body::{json_string, Edit, TopLevel};
+use llm_edge::trace::accumulate::{Accumulator, Flavor};
 use llm_edge::upstream::keys::KeyPool;
 use std::borrow::Cow;
 
@@ -117,5 +119,49 @@ fn bench_key_selection(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_paths, bench_body_edit, bench_key_selection);
+fn bench_sse_accumulation(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sse_accumulate");
+    let mut stream = Vec::new();
+    let events = 1000u64;
+    for i in 0..events {
+        stream.extend_from_slice(
+            format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"q\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"token_ids\":[{i}],\"logprobs\":{{\"content\":[{{\"token\":\" tok{i}\",\"logprob\":-0.{i},\"bytes\":[32]}}]}},\"finish_reason\":null}}]}}\n\n"
+            )
+            .as_bytes(),
+        );
+    }
+    stream.extend_from_slice(b"data: [DONE]\n\n");
+    // Feed in ~1 KiB network-sized chunks, as the forwarder does.
+    let chunks: Vec<&[u8]> = stream.chunks(1024).collect();
+    g.throughput(Throughput::Elements(events));
+    g.bench_function("chat_1000_events", |b| {
+        b.iter(|| {
+            let mut acc = Accumulator::new(Flavor::Chat);
+            for ch in &chunks {
+                acc.feed_sse(black_box(ch));
+            }
+            acc.choices().len()
+        })
+    });
+    g.bench_function("split_only_1000_events", |b| {
+        b.iter(|| {
+            let mut sp = SseSplitter::new();
+            let mut n = 0usize;
+            for ch in &chunks {
+                sp.feed(black_box(ch), |e| n += e.data.len());
+            }
+            n
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_paths,
+    bench_body_edit,
+    bench_key_selection,
+    bench_sse_accumulation
+);
 criterion_main!(benches);

@@ -373,9 +373,19 @@ pub fn validate(
             }
             tracing.queue = q.max(1);
         }
-        if tracing.mode != TraceMode::Never && tracing.sqlite.is_none() && tracing.jsonl.is_none() {
+        if let Some(url) = t.collector {
+            match parse_endpoint(&url) {
+                Ok(_) => tracing.collector = Some(url),
+                Err(why) => problems.push(format!("tracing.collector: {why}")),
+            }
+        }
+        if tracing.mode != TraceMode::Never
+            && tracing.sqlite.is_none()
+            && tracing.jsonl.is_none()
+            && tracing.collector.is_none()
+        {
             problems.push(
-                "tracing: set sqlite and/or jsonl (or mode: never) — traces need somewhere to go"
+                "tracing: set sqlite, jsonl and/or collector (or mode: never): traces need somewhere to go"
                     .to_string(),
             );
         }

@@ -50,6 +50,8 @@ pub struct RawTracing {
     pub jsonl_keep: Option<usize>,
     /// Queue capacity in records.
     pub queue: Option<usize>,
+    /// URL that receives batches of records as JSON arrays (HTTP POST).
+    pub collector: Option<String>,
 }
 
 fn default_listen() -> Vec<String> {

@@ -3,6 +3,7 @@
 
 pub mod accumulate;
 pub mod build;
+pub mod collector;
 pub mod record;
 pub mod sink;
 
@@ -40,6 +41,8 @@ pub struct TraceSettings {
     pub jsonl_keep: usize,
     /// Queue capacity (records).
     pub queue: usize,
+    /// Collector URL batches are POSTed to.
+    pub collector: Option<String>,
 }
 
 impl Default for TraceSettings {
@@ -51,6 +54,7 @@ impl Default for TraceSettings {
             jsonl_max_size: 100 << 20,
             jsonl_keep: 5,
             queue: 4096,
+            collector: None,
         }
     }
 }
