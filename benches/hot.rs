@@ -4,7 +4,6 @@
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llm_edge::config::schema::UpstreamKind;
-use llm_edge::config::secret::Secret;
 use llm_edge::config::UpstreamKey;
 use llm_edge::observe::sse::SseSplitter;
 use llm_edge::route::{api, slug};
@@ -106,12 +105,9 @@ fn bench_key_selection(c: &mut Criterion) {
     let mut g = c.benchmark_group("key_pick");
     for n in [1usize, 16, 1024] {
         let keys: Vec<UpstreamKey> = (0..n)
-            .map(|i| UpstreamKey {
-                id: format!("k{i}"),
-                secret: Secret::new(format!("sk-bench-key-{i:08}")),
-            })
+            .map(|i| UpstreamKey::new(format!("k{i}"), format!("sk-bench-key-{i:08}")))
             .collect();
-        let pool = KeyPool::new(UpstreamKind::Openai, &keys);
+        let pool = KeyPool::simple(UpstreamKind::Openai, &keys);
         g.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
             b.iter(|| pool.pick().map(|k| k.id.len()))
         });

@@ -24,6 +24,15 @@ pub enum EdgeError {
     UpstreamUnreachable(String),
     /// The upstream did not answer within its timeout.
     UpstreamTimeout(String),
+    /// Every upstream key for the model is cooling down (or all are busy).
+    RateLimited {
+        /// Seconds until the earliest key recovers.
+        retry_after: u64,
+        /// What is limiting.
+        why: String,
+    },
+    /// Every upstream key is dead (401/402/403) or none serves the model.
+    CredentialsExhausted(String),
     /// The upstream response broke after it had started streaming.
     UpstreamStreamBroken(String),
     /// The client went away while the request was being read or forwarded.
@@ -53,7 +62,10 @@ impl EdgeError {
             Self::UnknownModel(_) | Self::UnknownPath(_) => 404,
             Self::MethodNotAllowed(_) => 405,
             Self::BodyTooLarge { .. } => 413,
-            Self::UpstreamUnreachable(_) | Self::UpstreamStreamBroken(_) => 502,
+            Self::UpstreamUnreachable(_)
+            | Self::UpstreamStreamBroken(_)
+            | Self::CredentialsExhausted(_) => 502,
+            Self::RateLimited { .. } => 429,
             Self::UpstreamTimeout(_) => 504,
             Self::ClientClosed => 499,
             Self::Internal(_) => 500,
@@ -73,7 +85,9 @@ impl EdgeError {
             | Self::ClientClosed => "invalid_request_error",
             Self::UpstreamUnreachable(_)
             | Self::UpstreamTimeout(_)
-            | Self::UpstreamStreamBroken(_) => "upstream_error",
+            | Self::UpstreamStreamBroken(_)
+            | Self::CredentialsExhausted(_) => "upstream_error",
+            Self::RateLimited { .. } => "rate_limit_error",
             Self::Internal(_) => "server_error",
         }
     }
@@ -91,6 +105,8 @@ impl EdgeError {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamStreamBroken(_) => "upstream_stream_error",
+            Self::RateLimited { .. } => "upstream_rate_limited",
+            Self::CredentialsExhausted(_) => "upstream_credentials_exhausted",
             Self::ClientClosed => "client_closed",
             Self::Internal(_) => "internal_error",
         }
@@ -111,8 +127,22 @@ impl EdgeError {
             Self::UpstreamUnreachable(why) => format!("upstream unreachable: {why}"),
             Self::UpstreamTimeout(why) => format!("upstream timed out: {why}"),
             Self::UpstreamStreamBroken(why) => format!("upstream response broke off: {why}"),
+            Self::RateLimited { retry_after, why } => {
+                format!("{why}; retry after {retry_after} s")
+            }
+            Self::CredentialsExhausted(why) => {
+                format!("no usable upstream credential: {why}")
+            }
             Self::ClientClosed => "client closed the connection".to_string(),
             Self::Internal(why) => format!("internal error: {why}"),
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, when the error has one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
         }
     }
 

@@ -10,7 +10,9 @@ pub mod units;
 
 use crate::shaping::sampling::{kind_accepts, Action, FieldPath, Policy};
 use crate::trace::{TraceMode, TraceSettings};
-use schema::{ForwardMetadata, RawConfig, RawKey, RawSampling, RawUpstream, UpstreamKind};
+use schema::{
+    ForwardMetadata, KeyStrategy, RawConfig, RawKey, RawSampling, RawUpstream, UpstreamKind,
+};
 use secret::Secret;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -68,6 +70,14 @@ pub struct UpstreamConfig {
     pub timeouts: Timeouts,
     /// Attempts in all, first try included.
     pub max_attempts: usize,
+    /// No new attempt starts after this long.
+    pub retry_deadline: Duration,
+    /// Longest cooldown of a rate-limited key.
+    pub max_cooldown: Duration,
+    /// Key selection strategy.
+    pub key_strategy: KeyStrategy,
+    /// Header pinning a session for the `session` strategy.
+    pub session_header: Option<http::HeaderName>,
     /// Streams per h2 connection.
     pub max_h2_streams: usize,
     /// Verify upstream certificates.
@@ -108,6 +118,25 @@ pub struct UpstreamKey {
     pub id: String,
     /// The secret.
     pub secret: Secret,
+    /// Relative share of traffic.
+    pub weight: u32,
+    /// Most requests in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// Models this key may serve (`None`: all).
+    pub models: Option<Vec<String>>,
+}
+
+impl UpstreamKey {
+    /// A key with default settings (weight 1, no limits).
+    pub fn new(id: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            secret: Secret::new(secret.into()),
+            weight: 1,
+            max_concurrent: None,
+            models: None,
+        }
+    }
 }
 
 /// Upstream timeouts.
@@ -427,10 +456,16 @@ fn validate_upstream(
     let mut keys = Vec::new();
     let mut ids = HashSet::new();
     for (i, k) in u.keys.into_iter().enumerate() {
-        let (id, raw_secret) = match k {
-            RawKey::Bare(s) => (None, s),
-            RawKey::Full(f) => (f.id, f.key),
+        let (id, raw_secret, weight, max_concurrent, models) = match k {
+            RawKey::Bare(s) => (None, s, None, None, None),
+            RawKey::Full(f) => (f.id, f.key, f.weight, f.max_concurrent, f.models),
         };
+        if weight == Some(0) {
+            problems.push(format!("{at}.keys[{i}].weight: must be at least 1"));
+        }
+        if max_concurrent == Some(0) {
+            problems.push(format!("{at}.keys[{i}].max_concurrent: must be at least 1"));
+        }
         let secret = match secret::resolve(&raw_secret, env) {
             Ok(s) if s.is_empty() => {
                 problems.push(format!("{at}.keys[{i}]: the key is empty"));
@@ -455,6 +490,9 @@ fn validate_upstream(
         keys.push(UpstreamKey {
             id,
             secret: Secret::new(secret),
+            weight: weight.unwrap_or(1).max(1),
+            max_concurrent,
+            models,
         });
     }
     let d = Timeouts::default();
@@ -487,6 +525,16 @@ fn validate_upstream(
     if problems.len() > before {
         return None;
     }
+    let session_header = match u.session_header {
+        Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                problems.push(format!("{at}.session_header: {h:?} is not a header name"));
+                return None;
+            }
+        },
+        None => None,
+    };
     Some(UpstreamConfig {
         name: name.to_string(),
         kind: u.kind,
@@ -494,6 +542,18 @@ fn validate_upstream(
         keys,
         timeouts,
         max_attempts,
+        retry_deadline: u
+            .retries
+            .deadline
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60)),
+        max_cooldown: u
+            .retries
+            .max_cooldown
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(300)),
+        key_strategy: u.key_strategy,
+        session_header,
         max_h2_streams: u.max_h2_streams.unwrap_or(100).max(1),
         verify_tls: u.tls.verify.unwrap_or(true),
         sni: u.tls.sni,

@@ -102,6 +102,11 @@ pub struct RawUpstream {
     /// Upstream credentials.
     #[serde(default)]
     pub keys: Vec<RawKey>,
+    /// How a key is chosen for each request.
+    #[serde(default)]
+    pub key_strategy: KeyStrategy,
+    /// Request header whose value pins a session for `key_strategy: session`.
+    pub session_header: Option<String>,
     /// Timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
@@ -164,6 +169,27 @@ pub struct RawKeyFull {
     pub id: Option<String>,
     /// The secret (usually an env reference).
     pub key: String,
+    /// Relative share of traffic (default 1).
+    pub weight: Option<u32>,
+    /// Most requests in flight on this key at once.
+    pub max_concurrent: Option<u32>,
+    /// Models this key may serve (default: all).
+    pub models: Option<Vec<String>>,
+}
+
+/// `key_strategy:` of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStrategy {
+    /// Rotate through eligible keys (weighted).
+    #[default]
+    RoundRobin,
+    /// Fewest requests in flight; ties by weight.
+    LeastBusy,
+    /// Stick to one key until it cools down (keeps provider prompt caches warm).
+    Sequential,
+    /// Consistent hash of the rLLM session (or `session_header`): a session sticks to one key.
+    Session,
 }
 
 /// `timeouts:` of an upstream.
@@ -186,6 +212,10 @@ pub struct RawTimeouts {
 pub struct RawRetries {
     /// Attempts in all (first try included).
     pub max_attempts: Option<usize>,
+    /// Time after which no new attempt starts.
+    pub deadline: Option<HumanDuration>,
+    /// Longest cooldown of a rate-limited key.
+    pub max_cooldown: Option<HumanDuration>,
 }
 
 /// `tls:` of an upstream.

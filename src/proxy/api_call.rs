@@ -251,12 +251,22 @@ async fn route_and_forward(
         .strip_injected_fields
         .then(|| Strip::for_injected(&shaped.injected))
         .filter(|s| !s.is_empty());
+    let upstream_model = m.upstream_model.as_deref().unwrap_or(m.name.as_str());
+    let session_value = upstream
+        .cfg
+        .session_header
+        .as_ref()
+        .and_then(|h| client.headers.get(h))
+        .map(|v| v.as_bytes().to_vec())
+        .or_else(|| meta.session_name().map(|s| s.as_bytes().to_vec()));
     let out = Outbound {
         upstream,
         client: &client,
         path_and_query,
         body: shaped.body,
         strip,
+        model: upstream_model,
+        session: session_value.as_deref(),
     };
     forward::forward(session, connector, out, ctx, obs).await
 }

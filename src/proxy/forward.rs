@@ -8,6 +8,7 @@ use super::respond;
 use crate::error::EdgeError;
 use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
+use crate::upstream::keys::Pick;
 use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
@@ -20,10 +21,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// Statuses worth another replica when one is left (the upstream may be overloaded or failing).
+/// Statuses worth another replica or key when one is left.
 fn is_retryable_status(status: u16) -> bool {
     matches!(status, 429 | 500 | 502 | 503 | 504)
 }
+
+/// Statuses that mean the key itself is refused.
+fn is_key_refused(status: u16) -> bool {
+    (401..=403).contains(&status)
+}
+
+/// Response bodies read whole before deciding on a retry, at most this long.
+const DECISION_BODY_CAP: usize = 1 << 20;
 
 /// What went wrong with one attempt, before anything was sent downstream.
 enum AttemptError {
@@ -45,6 +54,16 @@ pub struct Outbound<'a> {
     pub body: Bytes,
     /// Injected fields to remove from a successful response (`strip_injected_fields`).
     pub strip: Option<Strip>,
+    /// Model as the upstream sees it (keys cool down per key and model).
+    pub model: &'a str,
+    /// Session affinity key (`key_strategy: session`).
+    pub session: Option<&'a [u8]>,
+}
+
+/// A response already read (status decided it), kept to pass through if no retry is possible.
+struct Held {
+    header: ResponseHeader,
+    body: Bytes,
 }
 
 /// Forwards the call and streams the response downstream. `Ok` means the exchange completed;
@@ -59,22 +78,82 @@ pub async fn forward(
 ) -> Result<(), EdgeError> {
     let up = out.upstream;
     let t = up.cfg.timeouts;
-    let deadline = Instant::now() + t.total;
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
+    let started = Instant::now();
+    let deadline = started + t.total;
+    let retry_deadline = started + up.cfg.retry_deadline;
+    let mut tried_replicas: Vec<SocketAddr> = Vec::with_capacity(2);
+    let mut tried_keys: Vec<usize> = Vec::new();
+    let mut held: Option<Held> = None;
     let mut last_err = EdgeError::UpstreamUnreachable(format!(
         "upstream {:?} has no resolved replica",
         up.cfg.name
     ));
-    for attempt in 0..up.cfg.max_attempts {
-        let Some(replica) = up.select_replica(&tried) else {
+    let mut attempt = 0;
+    while attempt < up.cfg.max_attempts {
+        if attempt > 0 && Instant::now() >= retry_deadline {
             break;
+        }
+        // Key first: without one there is nothing to send.
+        let lease = match up.keys.select(out.model, out.session, &tried_keys) {
+            Pick::Key(l) => Some(l),
+            Pick::NoKeys => None,
+            Pick::Busy => {
+                let left = retry_deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(EdgeError::RateLimited {
+                        retry_after: 1,
+                        why: "every upstream key is at its concurrency limit".into(),
+                    });
+                }
+                up.keys
+                    .wait_for_release(left.min(std::time::Duration::from_secs(1)))
+                    .await;
+                continue;
+            }
+            Pick::Exhausted(recovery) => {
+                if let Some(h) = held.take() {
+                    // The upstream already answered; its answer is the most useful one.
+                    return pass_through(session, ctx, h).await;
+                }
+                return Err(match recovery {
+                    Some(d) => EdgeError::RateLimited {
+                        retry_after: d.as_secs_f64().ceil().max(1.0) as u64,
+                        why: format!(
+                            "every key of upstream {:?} is cooling down for model {:?}",
+                            up.cfg.name, out.model
+                        ),
+                    },
+                    None => EdgeError::CredentialsExhausted(format!(
+                        "every key of upstream {:?} is refused or excluded for model {:?}",
+                        up.cfg.name, out.model
+                    )),
+                });
+            }
         };
+        let replica = match up.select_replica(&tried_replicas, out.session) {
+            Some(r) => r,
+            // Every replica tried: a new key may still go to one of them.
+            None if lease.is_some() && !tried_replicas.is_empty() => {
+                match up.select_replica(&[], out.session) {
+                    Some(r) => r,
+                    None => break,
+                }
+            }
+            None => break,
+        };
+        if attempt > 0 {
+            backoff(attempt).await;
+        }
+        attempt += 1;
+        held = None;
         if let Some(a) = replica.peer._address.as_inet() {
-            tried.push(*a);
+            if !tried_replicas.contains(a) {
+                tried_replicas.push(*a);
+            }
         }
         ctx.attempts += 1;
         ctx.replica = Some(replica.label.clone());
-        let key = up.keys.pick();
+        let key = lease.as_ref().map(|l| l.key());
         ctx.key_id = key.map(|k| k.id.clone());
         let header = headers::upstream_api_request(
             out.client,
@@ -89,6 +168,9 @@ pub async fn forward(
             Ok(us) => us,
             Err(AttemptError::Retry(e)) => {
                 tracing::warn!(upstream = %up.cfg.name, replica = %replica.label, attempt, "{e}");
+                if let Some(l) = &lease {
+                    up.keys.on_error(l.index, "connect");
+                }
                 last_err = e;
                 continue;
             }
@@ -100,61 +182,236 @@ pub async fn forward(
             ));
         };
         let status = resp.status.as_u16();
-        let more_attempts = attempt + 1 < up.cfg.max_attempts;
-        if is_retryable_status(status) && more_attempts && up.select_replica(&tried).is_some() {
-            tracing::info!(upstream = %up.cfg.name, replica = %replica.label, status, "retrying on another replica");
-            last_err = EdgeError::UpstreamUnreachable(format!("replica answered {status}"));
-            // The connection still has an unread body: close it rather than pool it.
-            us.shutdown().await;
-            continue;
+        let key_refused = is_key_refused(status) && lease.is_some();
+        if is_retryable_status(status) || key_refused {
+            // Read the (small) answer: it carries retry hints, and is passed through as it is
+            // when no other key or replica can take the request.
+            let Some(h) = read_decision_body(&mut us, &t).await else {
+                replica.mark_ok();
+                ctx.status = status;
+                return relay(
+                    session, connector, us, &replica, &out, ctx, obs, deadline, &t,
+                )
+                .await;
+            };
+            connector
+                .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
+                .await;
+            if let Some(l) = &lease {
+                if status == 429 {
+                    let hint = crate::upstream::cooldown::hint(
+                        &h.header.headers,
+                        &h.body,
+                        std::time::SystemTime::now(),
+                    );
+                    let d = up.keys.on_rate_limited(l.index, out.model, hint);
+                    tracing::info!(upstream = %up.cfg.name, key = %l.key().id, model = %out.model, "key rate limited; cooling down for {d:?}");
+                    tried_keys.push(l.index);
+                } else if key_refused {
+                    if up.keys.on_auth_failure(l.index, status) {
+                        tracing::warn!(upstream = %up.cfg.name, key = %l.key().id, status, "upstream refused the key; it is excluded until reload or reset");
+                    }
+                    tried_keys.push(l.index);
+                } else {
+                    up.keys.on_error(l.index, "upstream_5xx");
+                }
+            }
+            if key_refused {
+                last_err = EdgeError::CredentialsExhausted(format!(
+                    "the last key tried was refused with {status}"
+                ));
+            } else {
+                held = Some(h);
+            }
+            let more = attempt < up.cfg.max_attempts && Instant::now() < retry_deadline;
+            let other_replica = up.select_replica(&tried_replicas, out.session).is_some();
+            let other_key = !up.keys.is_empty()
+                && matches!(
+                    up.keys.select(out.model, out.session, &tried_keys),
+                    Pick::Key(_)
+                );
+            let worth = match status {
+                429 => other_key || (up.keys.is_empty() && other_replica),
+                s if is_key_refused(s) => other_key,
+                _ => other_replica || (other_key && up.keys.len() > 1),
+            };
+            if more && worth {
+                tracing::info!(upstream = %up.cfg.name, replica = %replica.label, status, "retrying on another key or replica");
+                continue;
+            }
+            if let Some(h) = held.take() {
+                return pass_through(session, ctx, h).await;
+            }
+            return Err(last_err);
         }
         replica.mark_ok();
+        if let Some(l) = &lease {
+            if (200..300).contains(&status) {
+                up.keys.on_success(l.index, out.model);
+            }
+        }
         ctx.status = status;
-        let mut down = headers::downstream_response(resp)
-            .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
-        let is_sse = resp
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let transform = match (&out.strip, (200..300).contains(&status)) {
-            (Some(st), true) if is_sse => Transform::Sse(SseStripper::new(st.clone())),
-            (Some(st), true) => Transform::Json(st.clone(), Vec::new()),
-            _ => Transform::None,
-        };
-        let mut obs = obs;
-        if let Some(o) = obs.as_deref_mut() {
-            o.begin(is_sse);
-        }
-        let mut relay = Relay {
-            is_sse,
-            transform,
-            held_header: None,
-        };
-        if matches!(relay.transform, Transform::Json(..)) {
-            // The rewritten body changes length: the header waits for the whole body.
-            relay.held_header = Some(down);
-        } else {
-            if matches!(relay.transform, Transform::Sse(_)) {
-                down.remove_header(&http::header::CONTENT_LENGTH);
-                let _ = down.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-            }
-            if session
-                .write_response_header(Box::new(down), false)
-                .await
-                .is_err()
-            {
-                return Err(EdgeError::ClientClosed);
-            }
-            ctx.responded = true;
-        }
-        let r = stream_body(session, connector, us, &replica, relay, deadline, &t, obs).await;
-        if r.is_ok() {
-            ctx.responded = true;
-        }
+        // The lease stays alive (in flight) until the response has been relayed.
+        let r = relay(
+            session, connector, us, &replica, &out, ctx, obs, deadline, &t,
+        )
+        .await;
+        drop(lease);
         return r;
     }
+    if let Some(h) = held.take() {
+        return pass_through(session, ctx, h).await;
+    }
     Err(last_err)
+}
+
+/// Jittered exponential backoff before a retry: ~25 ms, 50 ms, 100 ms … capped at 1 s.
+async fn backoff(attempt: usize) {
+    let base = 25u64 << attempt.min(6);
+    let jitter = crate::ids::new_id("")
+        .bytes()
+        .fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64))
+        % (base / 2 + 1);
+    tokio::time::sleep(std::time::Duration::from_millis(
+        (base / 2 + jitter).min(1000),
+    ))
+    .await;
+}
+
+/// Reads a whole small response (for the retry decision). `None` when it is too large or
+/// streamed, in which case it must be relayed as it comes.
+async fn read_decision_body(us: &mut HttpSession, t: &crate::config::Timeouts) -> Option<Held> {
+    let header = us.response_header()?.clone();
+    let is_sse = header
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let declared = header
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if is_sse || declared.is_some_and(|n| n > DECISION_BODY_CAP) {
+        return None;
+    }
+    us.set_read_timeout(Some(t.idle));
+    let mut body = Vec::new();
+    loop {
+        match us.read_response_body().await {
+            Ok(Some(c)) => {
+                body.extend_from_slice(&c);
+                if body.len() > DECISION_BODY_CAP {
+                    // Too large to hold: cannot be replayed, so no retry either.
+                    return Some(Held {
+                        header,
+                        body: Bytes::from(body),
+                    });
+                }
+            }
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+    Some(Held {
+        header,
+        body: Bytes::from(body),
+    })
+}
+
+/// Sends a held upstream response to the client unchanged (status, headers, body).
+async fn pass_through(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    h: Held,
+) -> Result<(), EdgeError> {
+    ctx.status = h.header.status.as_u16();
+    let mut down = headers::downstream_response(&h.header)
+        .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
+    down.remove_header(&http::header::TRANSFER_ENCODING);
+    down.insert_header(http::header::CONTENT_LENGTH, h.body.len().to_string())
+        .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
+    if session
+        .write_response_header(Box::new(down), false)
+        .await
+        .is_err()
+    {
+        return Err(EdgeError::ClientClosed);
+    }
+    ctx.responded = true;
+    if session
+        .write_response_body(Some(h.body), true)
+        .await
+        .is_err()
+    {
+        return Err(EdgeError::ClientClosed);
+    }
+    Ok(())
+}
+
+/// Relays a response whose header has been read: header now (or held for a JSON rewrite),
+/// then the body chunk by chunk.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    session: &mut Session,
+    connector: &Connector,
+    us: HttpSession,
+    replica: &Replica,
+    out: &Outbound<'_>,
+    ctx: &mut RequestCtx,
+    obs: Option<&mut Observer>,
+    deadline: Instant,
+    t: &crate::config::Timeouts,
+) -> Result<(), EdgeError> {
+    let Some(resp) = us.response_header() else {
+        return Err(EdgeError::Internal(
+            "response header missing after read".into(),
+        ));
+    };
+    let status = resp.status.as_u16();
+    let mut down = headers::downstream_response(resp)
+        .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
+    let is_sse = resp
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let transform = match (&out.strip, (200..300).contains(&status)) {
+        (Some(st), true) if is_sse => Transform::Sse(SseStripper::new(st.clone())),
+        (Some(st), true) => Transform::Json(st.clone(), Vec::new()),
+        _ => Transform::None,
+    };
+    let mut obs = obs;
+    if let Some(o) = obs.as_deref_mut() {
+        o.begin(is_sse);
+    }
+    let mut relay = Relay {
+        is_sse,
+        transform,
+        held_header: None,
+    };
+    if matches!(relay.transform, Transform::Json(..)) {
+        // The rewritten body changes length: the header waits for the whole body.
+        relay.held_header = Some(down);
+    } else {
+        if matches!(relay.transform, Transform::Sse(_)) {
+            down.remove_header(&http::header::CONTENT_LENGTH);
+            let _ = down.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        }
+        if session
+            .write_response_header(Box::new(down), false)
+            .await
+            .is_err()
+        {
+            return Err(EdgeError::ClientClosed);
+        }
+        ctx.responded = true;
+    }
+    let r = stream_body(session, connector, us, replica, relay, deadline, t, obs).await;
+    if r.is_ok() {
+        ctx.responded = true;
+    }
+    r
 }
 
 /// Connects (or reuses a pooled connection), sends header and body, reads the response header.

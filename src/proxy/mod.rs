@@ -140,7 +140,7 @@ impl ProxyHttp for EdgeProxy {
         let Some(pt) = ctx.pass_through.as_mut() else {
             return Error::e_explain(ErrorType::InternalError, "no pass-through route decided");
         };
-        let Some(replica) = pt.upstream.select_replica(&pt.tried) else {
+        let Some(replica) = pt.upstream.select_replica(&pt.tried, None) else {
             return Error::e_explain(
                 ErrorType::ConnectNoRoute,
                 format!(
@@ -187,7 +187,7 @@ impl ProxyHttp for EdgeProxy {
                 r.mark_connect_failure();
             }
             let more = pt.tried.len() < pt.upstream.cfg.max_attempts
-                && pt.upstream.select_replica(&pt.tried).is_some();
+                && pt.upstream.select_replica(&pt.tried, None).is_some();
             if more {
                 e.set_retry(true);
             }

@@ -14,9 +14,17 @@ pub async fn json(session: &mut Session, status: u16, body: Bytes) -> pingora::R
     session.write_response_body(Some(body), true).await
 }
 
-/// Writes our OpenAI-shaped error response.
+/// Writes our OpenAI-shaped error response (with `Retry-After` when the error has one).
 pub async fn error(session: &mut Session, err: &EdgeError) -> pingora::Result<()> {
-    json(session, err.status(), err.body()).await
+    let body = err.body();
+    let mut resp = ResponseHeader::build(err.status(), Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(secs) = err.retry_after() {
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
 }
 
 /// The SSE event that ends a stream which broke after it started.

@@ -43,7 +43,13 @@ impl Upstream {
                 tracing::error!(upstream = %cfg.name, "initial backend update failed: {e}");
             }
         }
-        let keys = KeyPool::new(cfg.kind, &cfg.keys);
+        let keys = KeyPool::new(
+            cfg.kind,
+            &cfg.keys,
+            cfg.key_strategy,
+            cfg.max_cooldown,
+            &std::collections::HashMap::new(),
+        );
         Self { cfg, lb, keys }
     }
 
@@ -60,17 +66,45 @@ impl Upstream {
     }
 
     /// Picks the next replica, skipping `tried` ones and, while others are available,
-    /// passively ejected ones.
-    pub fn select_replica(&self, tried: &[SocketAddr]) -> Option<Arc<Replica>> {
+    /// passively ejected ones. With a `session`, the same session keeps its replica
+    /// (rendezvous hashing) while that replica is usable.
+    pub fn select_replica(
+        &self,
+        tried: &[SocketAddr],
+        session: Option<&[u8]>,
+    ) -> Option<Arc<Replica>> {
+        let accept = |r: &Replica, skip_ejected: bool| {
+            let was_tried = tried.iter().any(|t| r.peer._address.as_inet() == Some(t));
+            let ejected = skip_ejected && r.is_ejected();
+            !was_tried && !ejected
+        };
+        if let (Some(s), crate::config::schema::KeyStrategy::Session) =
+            (session, self.cfg.key_strategy)
+        {
+            let backends = self.lb.backends().get_backend();
+            let pick = |skip_ejected: bool| {
+                backends
+                    .iter()
+                    .filter(|b| self.lb.backends().ready(b))
+                    .filter_map(|b| b.ext.get::<Arc<Replica>>())
+                    .filter(|r| accept(r, skip_ejected))
+                    .max_by_key(|r| {
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        std::hash::Hash::hash(&s, &mut h);
+                        std::hash::Hash::hash(&r.label, &mut h);
+                        std::hash::Hasher::finish(&h)
+                    })
+                    .cloned()
+            };
+            return pick(true).or_else(|| pick(false));
+        }
         let pick = |skip_ejected: bool| {
             self.lb
                 .select_with(b"", MAX_SELECT_ITERATIONS, |b, healthy| {
                     let Some(r) = b.ext.get::<Arc<Replica>>() else {
                         return false;
                     };
-                    healthy
-                        && !(skip_ejected && r.is_ejected())
-                        && !tried.iter().any(|t| r.peer._address.as_inet() == Some(t))
+                    healthy && accept(r, skip_ejected)
                 })
                 .and_then(|b| b.ext.get::<Arc<Replica>>().cloned())
         };
@@ -82,3 +116,4 @@ impl Upstream {
         self.lb.backends().get_backend().len()
     }
 }
+pub mod cooldown;
