@@ -1,10 +1,12 @@
 //! Admin endpoints. Until the separate admin listener exists they are served on the main
 //! listener, to loopback clients only.
 
+pub mod keys;
 pub mod traces;
 
 use crate::error::EdgeError;
 use crate::proxy::respond;
+use crate::snapshot::Snapshot;
 use crate::trace::Tracer;
 use pingora::proxy::Session;
 
@@ -14,7 +16,12 @@ pub fn is_admin_path(path: &str) -> bool {
 }
 
 /// Answers an admin request.
-pub async fn handle(session: &mut Session, path: &str, tracer: &Tracer) -> pingora::Result<()> {
+pub async fn handle(
+    session: &mut Session,
+    path: &str,
+    tracer: &Tracer,
+    snap: &Snapshot,
+) -> pingora::Result<()> {
     let loopback = session
         .client_addr()
         .and_then(|a| a.as_inet())
@@ -30,6 +37,10 @@ pub async fn handle(session: &mut Session, path: &str, tracer: &Tracer) -> pingo
         ("GET", "/admin/traces") => traces::list(tracer, &query).await,
         ("GET", p) if p.starts_with("/admin/traces/") => {
             traces::one(tracer, &p["/admin/traces/".len()..]).await
+        }
+        ("GET", "/admin/keys") => keys::list(snap),
+        ("POST", p) if p.starts_with("/admin/keys/") => {
+            keys::reset(snap, &p["/admin/keys/".len()..])
         }
         _ => Err(EdgeError::UnknownPath(path.to_string())),
     };
