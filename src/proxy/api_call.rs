@@ -161,6 +161,8 @@ pub async fn handle(
     ctx.api = Some(api);
     let body = read_body(session, snap.cfg.limits.max_body).await?;
     let traced = tracer.wants(meta.has_metadata());
+    // Held until the record is queued, so a flush waits for this call.
+    let _ticket = traced.then(|| tracer.begin());
     let timestamp = unix_now();
     let mut obs = traced.then(|| Observer::new(flavor_of(api), ctx.started));
     let result = route_and_forward(

@@ -67,6 +67,10 @@ enum Msg {
 /// The process-wide trace queue.
 pub struct Tracer {
     mode: TraceMode,
+    /// Sequence numbers of traced calls still running (their record not yet queued), so a
+    /// flush can wait for calls that started before it.
+    pending: Mutex<std::collections::BTreeSet<u64>>,
+    next_seq: AtomicU64,
     tx: Option<mpsc::Sender<Msg>>,
     dropped: AtomicU64,
     written: Arc<AtomicU64>,
@@ -80,6 +84,8 @@ impl Tracer {
     pub fn disabled() -> Self {
         Self {
             mode: TraceMode::Never,
+            pending: Mutex::new(Default::default()),
+            next_seq: AtomicU64::new(0),
             tx: None,
             dropped: AtomicU64::new(0),
             written: Arc::new(AtomicU64::new(0)),
@@ -161,6 +167,8 @@ impl Tracer {
             .ok();
         Self {
             mode,
+            pending: Mutex::new(Default::default()),
+            next_seq: AtomicU64::new(0),
             tx: Some(tx),
             dropped: AtomicU64::new(0),
             written,
@@ -180,6 +188,16 @@ impl Tracer {
             }
     }
 
+    /// Marks a traced call as started; its record is expected before a later flush returns.
+    /// Dropping the ticket (after `submit`, or on any exit) ends the wait.
+    pub fn begin(&self) -> CallTicket<'_> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(seq);
+        }
+        CallTicket { tracer: self, seq }
+    }
+
     /// Queues a record; when the queue is full the record is dropped and counted.
     pub fn submit(&self, rec: TraceRecord) {
         let Some(tx) = &self.tx else { return };
@@ -188,9 +206,25 @@ impl Tracer {
         }
     }
 
-    /// Returns once every record queued before the call has been written.
+    /// Returns once every traced call that started before the flush has been written
+    /// (waiting at most 30 s for calls still in progress).
     pub async fn flush(&self) {
         let Some(tx) = &self.tx else { return };
+        let target = self.next_seq.load(Ordering::Relaxed);
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let oldest = self
+                .pending
+                .lock()
+                .ok()
+                .and_then(|p| p.iter().next().copied());
+            match oldest {
+                Some(seq) if seq < target && tokio::time::Instant::now() < give_up => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                _ => break,
+            }
+        }
         let (done, wait) = oneshot::channel();
         if tx.send(Msg::Flush(done)).await.is_ok() {
             let _ = wait.await;
@@ -223,6 +257,20 @@ impl Tracer {
     /// The SQLite store, for the admin read API.
     pub fn sqlite_path(&self) -> Option<&PathBuf> {
         self.sqlite.as_ref()
+    }
+}
+
+/// A traced call in progress (see [`Tracer::begin`]).
+pub struct CallTicket<'a> {
+    tracer: &'a Tracer,
+    seq: u64,
+}
+
+impl Drop for CallTicket<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.tracer.pending.lock() {
+            p.remove(&self.seq);
+        }
     }
 }
 

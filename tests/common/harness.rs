@@ -3,11 +3,13 @@
 
 use async_trait::async_trait;
 use llm_edge::server::{EdgeServer, RunOptions};
+use llm_edge::trace::Tracer;
 use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -29,6 +31,35 @@ pub fn temp_path(name: &str) -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     std::env::temp_dir().join(format!("llm-edge-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// A fresh directory under the system temp dir (see [`temp_path`]), removed with everything in
+/// it when dropped. Declare it before the [`Proxy`] writing into it, so the proxy stops first.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates the directory.
+    pub fn new(name: &str) -> Self {
+        let path = temp_path(name);
+        std::fs::create_dir_all(&path).expect("create a temp dir");
+        Self(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Turns on the proxy's logs for debugging when `LLM_EDGE_TEST_LOG` is set (e.g. `debug`).
@@ -72,6 +103,16 @@ impl Proxy {
 
     /// Like [`Proxy::start`], resolving `os.environ/NAME` and `${NAME}` from `env` only.
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(yaml, env, None)
+    }
+
+    /// Like [`Proxy::start`], with `tracer` in place of the one the config's `tracing:` section
+    /// would build (tests use sinks they control, e.g. one that blocks).
+    pub fn start_with_tracer(yaml: &str, tracer: Arc<Tracer>) -> Self {
+        Self::launch(yaml, &[], Some(tracer))
+    }
+
+    fn launch(yaml: &str, env: &[(&str, &str)], tracer: Option<Arc<Tracer>>) -> Self {
         init_logging();
         let port = free_port();
         let pid_file = temp_path("pid");
@@ -91,7 +132,10 @@ impl Proxy {
         let thread = std::thread::Builder::new()
             .name(format!("llm-edge-{port}"))
             .spawn(move || {
-                let server = EdgeServer::build(cfg, RunOptions::default());
+                let server = match tracer {
+                    Some(t) => EdgeServer::with_tracer(cfg, RunOptions::default(), t),
+                    None => EdgeServer::build(cfg, RunOptions::default()),
+                };
                 server.run(RunArgs {
                     shutdown_signal: Box::new(StopWatch(rx)),
                 });
