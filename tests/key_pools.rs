@@ -208,7 +208,8 @@ impl Edge {
         assert_ok(resp).await
     }
 
-    /// `GET /admin/keys`: status, raw text (for secret greps) and parsed body.
+    /// `GET /admin/keys` (must be 200): headers and body as text (for secret greps), and the body
+    /// parsed.
     async fn admin_keys(&self) -> (String, serde_json::Value) {
         let resp = self
             .http
@@ -277,17 +278,27 @@ async fn assert_ok(resp: reqwest::Response) -> String {
 
 /// The `/admin/keys` entry of key `id` of upstream `u`.
 fn admin_key<'a>(v: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    let ups = v["data"].as_array().expect("data is a list");
-    let up = ups
-        .iter()
-        .find(|u| u["upstream"] == "u")
-        .unwrap_or_else(|| panic!("upstream u in /admin/keys: {v}"));
-    up["keys"]
-        .as_array()
-        .expect("keys is a list")
+    admin_key_in(v, "u", id)
+}
+
+/// The `/admin/keys` entry of key `id` of `upstream`.
+fn admin_key_in<'a>(v: &'a serde_json::Value, upstream: &str, id: &str) -> &'a serde_json::Value {
+    admin_keys_of(v, upstream)
         .iter()
         .find(|k| k["id"] == id)
-        .unwrap_or_else(|| panic!("key {id} in /admin/keys: {v}"))
+        .unwrap_or_else(|| panic!("key {id} of {upstream} in /admin/keys: {v}"))
+}
+
+/// The `/admin/keys` key list of `upstream`.
+fn admin_keys_of<'a>(v: &'a serde_json::Value, upstream: &str) -> &'a Vec<serde_json::Value> {
+    v["data"]
+        .as_array()
+        .expect("data is a list")
+        .iter()
+        .find(|u| u["upstream"] == upstream)
+        .unwrap_or_else(|| panic!("upstream {upstream} in /admin/keys: {v}"))["keys"]
+        .as_array()
+        .expect("keys is a list")
 }
 
 /// Asserts that no raw secret of [`KEYS`], nor the hidden middle part of one, occurs in `text`.
@@ -982,13 +993,7 @@ async fn no_secret_in_admin_output_or_logs() {
     for id in ["a", "b", "c", "d"] {
         assert_eq!(admin_key(&v, id)["masked"], masked(id), "{v}");
     }
-    let bare = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["upstream"] == "bare")
-        .unwrap_or_else(|| panic!("upstream bare: {v}"));
-    let bare_keys = bare["keys"].as_array().unwrap();
+    let bare_keys = admin_keys_of(&v, "bare");
     assert_eq!(bare_keys.len(), 2, "{v}");
     for (k, id) in bare_keys.iter().zip(["c", "d"]) {
         assert!(
@@ -1028,7 +1033,10 @@ async fn no_secret_in_admin_output_or_logs() {
     // The log capture works (these lines come from the 429 and the 401 above)…
     let log = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(log.contains("key rate limited"), "log capture is empty");
-    assert!(log.contains("upstream refused the key"), "{log}");
+    assert!(
+        log.contains("upstream refused the key"),
+        "the 401 is logged"
+    );
     // …and holds no secret.
     assert_no_secret("the proxy's log output", &log);
 }
@@ -1116,7 +1124,7 @@ async fn cooldown_applies_to_the_rate_limited_model_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rate_limit_hints_set_the_cooldown_default_escalates_and_is_capped() {
+async fn rate_limit_hints_set_the_cooldown_else_the_default_capped_by_max_cooldown() {
     // Upstream u: every key says when to come back, each in another way.
     let hinted = Mock::start(|r| {
         let id = key_of(r);
@@ -1178,14 +1186,7 @@ models:
 
     let (_, v) = edge.admin_keys().await;
     let left = |up: &str, id: &str| -> u64 {
-        let ups = v["data"].as_array().unwrap();
-        let u = ups.iter().find(|u| u["upstream"] == up).unwrap();
-        let k = u["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["id"] == id)
-            .unwrap();
+        let k = admin_key_in(&v, up, id);
         assert_eq!(k["state"], "cooling", "{up}/{id}: {v}");
         k["cooldown_remaining_ms"].as_u64().unwrap()
     };

@@ -83,6 +83,7 @@ pub async fn forward(
     let retry_deadline = started + up.cfg.retry_deadline;
     let mut tried_replicas: Vec<SocketAddr> = Vec::with_capacity(2);
     let mut tried_keys: Vec<usize> = Vec::new();
+    let mut soft_keys: Vec<usize> = Vec::new();
     let mut held: Option<Held> = None;
     let mut last_err = EdgeError::UpstreamUnreachable(format!(
         "upstream {:?} has no resolved replica",
@@ -94,7 +95,16 @@ pub async fn forward(
             break;
         }
         // Key first: without one there is nothing to send.
-        let lease = match up.keys.select(out.model, out.session, &tried_keys) {
+        // Keys that answered 5xx are avoided while another key is available.
+        let mut pick = up.keys.select(
+            out.model,
+            out.session,
+            &[&tried_keys[..], &soft_keys[..]].concat(),
+        );
+        if !soft_keys.is_empty() && !matches!(pick, Pick::Key(_)) {
+            pick = up.keys.select(out.model, out.session, &tried_keys);
+        }
+        let lease = match pick {
             Pick::Key(l) => Some(l),
             Pick::NoKeys => None,
             Pick::Busy => {
@@ -145,7 +155,6 @@ pub async fn forward(
             backoff(attempt).await;
         }
         attempt += 1;
-        held = None;
         if let Some(a) = replica.peer._address.as_inet() {
             if !tried_replicas.contains(a) {
                 tried_replicas.push(*a);
@@ -214,6 +223,7 @@ pub async fn forward(
                     tried_keys.push(l.index);
                 } else {
                     up.keys.on_error(l.index, "upstream_5xx");
+                    soft_keys.push(l.index);
                 }
             }
             if key_refused {
@@ -226,10 +236,9 @@ pub async fn forward(
             let more = attempt < up.cfg.max_attempts && Instant::now() < retry_deadline;
             let other_replica = up.select_replica(&tried_replicas, out.session).is_some();
             let other_key = !up.keys.is_empty()
-                && matches!(
-                    up.keys.select(out.model, out.session, &tried_keys),
-                    Pick::Key(_)
-                );
+                && up
+                    .keys
+                    .has_eligible(out.model, &[&tried_keys[..], &soft_keys[..]].concat());
             let worth = match status {
                 429 => other_key || (up.keys.is_empty() && other_replica),
                 s if is_key_refused(s) => other_key,

@@ -70,7 +70,7 @@ impl ProxyHttp for EdgeProxy {
         };
         let path = meta.path.clone();
         if crate::admin::is_admin_path(&path) {
-            crate::admin::handle(session, &path, &self.tracer).await?;
+            crate::admin::handle(session, &path, &self.tracer, &snap).await?;
             return Ok(true);
         }
         let path_and_query = match session.req_header().uri.query() {

@@ -281,6 +281,18 @@ impl KeyPool {
         Usable::Yes
     }
 
+    /// Whether a key other than `exclude` could take a request for `model` now or once a
+    /// concurrency slot frees (busy counts as available). Does not change any state.
+    pub fn has_eligible(&self, model: &str, exclude: &[usize]) -> bool {
+        let now = now_ms();
+        (0..self.keys.len()).any(|i| {
+            matches!(
+                self.usable(i, model, now, exclude),
+                Usable::Yes | Usable::Busy
+            )
+        })
+    }
+
     /// Chooses a key for `model`, skipping `exclude` (keys already tried by this request).
     /// Hot: a few atomic loads per key looked at.
     pub fn select(&self, model: &str, session: Option<&[u8]>, exclude: &[usize]) -> Pick<'_> {
