@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::demo::DemoUpstream;
+use crate::observe::ledger::Ledger;
 use crate::proxy::EdgeProxy;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::trace::Tracer;
@@ -44,11 +45,29 @@ impl EdgeServer {
     /// Builds every service from a validated config; fails when a trace sink cannot be opened.
     pub fn new(cfg: Config, opts: RunOptions) -> Result<Self, String> {
         let tracer = Arc::new(Tracer::start(&cfg.tracing).map_err(|e| format!("tracing: {e}"))?);
-        Ok(Self::with_tracer(cfg, opts, tracer))
+        let ledger = match &cfg.usage {
+            None => None,
+            Some(u) => Some(Arc::new(match &u.ledger {
+                Some(p) => Ledger::open(p, u.flush_interval).map_err(|e| format!("usage: {e}"))?,
+                None => Ledger::in_memory(),
+            })),
+        };
+        Ok(Self::with_parts(cfg, opts, tracer, ledger))
     }
 
-    /// Builds every service around a given tracer (tests use custom sinks).
+    /// Builds every service around a given tracer (tests use custom sinks); usage accounting
+    /// in memory when the config has a `usage:` section.
     pub fn with_tracer(cfg: Config, opts: RunOptions, tracer: Arc<Tracer>) -> Self {
+        let ledger = cfg.usage.as_ref().map(|_| Arc::new(Ledger::in_memory()));
+        Self::with_parts(cfg, opts, tracer, ledger)
+    }
+
+    fn with_parts(
+        cfg: Config,
+        opts: RunOptions,
+        tracer: Arc<Tracer>,
+        ledger: Option<Arc<Ledger>>,
+    ) -> Self {
         let conf = ServerConf {
             threads: cfg.server.threads,
             pid_file: cfg.server.pid_file.clone(),
@@ -73,7 +92,7 @@ impl EdgeServer {
 
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
-            EdgeProxy::new(state.clone(), tracer.clone()),
+            EdgeProxy::new(state.clone(), tracer.clone(), ledger.clone()),
             "llm-edge proxy",
         );
         for addr in &listen {
@@ -86,7 +105,10 @@ impl EdgeServer {
                 state: state.clone(),
             },
         ));
-        server.add_service(background_service("trace flusher", TraceFlusher { tracer }));
+        server.add_service(background_service(
+            "trace flusher",
+            TraceFlusher { tracer, ledger },
+        ));
         if let Some(addr) = demo {
             let mut svc = pingora::proxy::http_proxy_service_with_name(
                 &server.configuration,
@@ -138,6 +160,7 @@ impl BackgroundService for Refresher {
 /// On shutdown, waits (bounded) until queued traces are written.
 struct TraceFlusher {
     tracer: Arc<Tracer>,
+    ledger: Option<Arc<Ledger>>,
 }
 
 #[async_trait]
@@ -149,6 +172,11 @@ impl BackgroundService for TraceFlusher {
             .is_err()
         {
             tracing::warn!("trace queue not drained within 10 s of shutdown");
+        }
+        if let Some(l) = &self.ledger {
+            if let Err(e) = l.flush() {
+                tracing::error!("saving the usage ledger at shutdown failed: {e}");
+            }
         }
     }
 }

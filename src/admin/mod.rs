@@ -5,6 +5,7 @@ pub mod keys;
 pub mod traces;
 
 use crate::error::EdgeError;
+use crate::observe::ledger::Ledger;
 use crate::proxy::respond;
 use crate::snapshot::Snapshot;
 use crate::trace::Tracer;
@@ -20,6 +21,7 @@ pub async fn handle(
     session: &mut Session,
     path: &str,
     tracer: &Tracer,
+    ledger: Option<&Ledger>,
     snap: &Snapshot,
 ) -> pingora::Result<()> {
     let loopback = session
@@ -39,6 +41,7 @@ pub async fn handle(
             traces::one(tracer, &p["/admin/traces/".len()..]).await
         }
         ("GET", "/admin/keys") => keys::list(snap),
+        ("GET", "/admin/usage") => usage(ledger, &query),
         ("POST", p) if p.starts_with("/admin/keys/") => {
             keys::reset(snap, &p["/admin/keys/".len()..])
         }
@@ -65,4 +68,51 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
             (dec(k), dec(v))
         })
         .collect()
+}
+
+/// `GET /admin/usage?group_by=key|model|client|upstream&since=UNIX_SECONDS`.
+fn usage(ledger: Option<&Ledger>, query: &str) -> Result<bytes::Bytes, EdgeError> {
+    let Some(ledger) = ledger else {
+        return Err(EdgeError::BadRequest(
+            "usage accounting is off (no usage: section)".into(),
+        ));
+    };
+    let mut group_by = "key".to_string();
+    let mut since = None;
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "group_by" if ["key", "model", "client", "upstream"].contains(&v.as_str()) => {
+                group_by = v
+            }
+            "group_by" => {
+                return Err(EdgeError::BadRequest(
+                    "group_by must be key, model, client or upstream".into(),
+                ))
+            }
+            "since" => {
+                since = Some(v.parse::<f64>().map_err(|_| {
+                    EdgeError::BadRequest("since must be a Unix timestamp in seconds".into())
+                })? as u64)
+            }
+            other => {
+                return Err(EdgeError::BadRequest(format!(
+                    "unknown query parameter {other:?}"
+                )))
+            }
+        }
+    }
+    let rows: Vec<serde_json::Value> = ledger
+        .summary(&group_by, since)
+        .into_iter()
+        .map(|(g, c)| {
+            let mut v = serde_json::to_value(c).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(group_by.clone(), serde_json::Value::from(g));
+            }
+            v
+        })
+        .collect();
+    Ok(bytes::Bytes::from(
+        serde_json::json!({"object": "list", "group_by": group_by, "data": rows}).to_string(),
+    ))
 }

@@ -44,6 +44,17 @@ pub struct Config {
     pub demo_upstream: Option<SocketAddr>,
     /// Call traces.
     pub tracing: TraceSettings,
+    /// Usage accounting (`None`: off).
+    pub usage: Option<UsageSettings>,
+}
+
+/// Validated `usage:` settings.
+#[derive(Debug, Clone)]
+pub struct UsageSettings {
+    /// Ledger file; in memory only when `None`.
+    pub ledger: Option<PathBuf>,
+    /// Debounce of ledger writes.
+    pub flush_interval: Duration,
 }
 
 /// Request limits.
@@ -176,6 +187,9 @@ pub struct ModelConfig {
     pub sampling: Policy,
     /// Remove injected fields the client did not ask for from responses.
     pub strip_injected_fields: bool,
+    /// `stream_options.include_usage` is injected for usage accounting (not by the operator's
+    /// policy): the usage chunk is withheld from clients that did not ask for it.
+    pub usage_injected: bool,
 }
 
 /// A pass-through route.
@@ -333,6 +347,7 @@ pub fn validate(
             upstream_model,
             sampling,
             strip_injected_fields: m.strip_injected_fields,
+            usage_injected: false,
         });
     }
 
@@ -420,11 +435,50 @@ pub fn validate(
         }
     }
 
+    if raw
+        .usage
+        .as_ref()
+        .is_some_and(|u| u.inject_include_usage.unwrap_or(true))
+    {
+        // Streams only report usage when asked: ask, unless the policy says otherwise.
+        let field = FieldPath {
+            top: "stream_options".into(),
+            sub: Some("include_usage".into()),
+        };
+        for m in models.iter_mut() {
+            let kind = upstreams.get(&m.upstream).map(|u| u.kind);
+            let has_rule = m.sampling.rules.iter().any(|(f, _)| *f == field);
+            if matches!(kind, Some(UpstreamKind::Openai | UpstreamKind::Vllm)) && !has_rule {
+                m.sampling.rules.push((
+                    field.clone(),
+                    Action::SetIfAbsent(serde_json::Value::Bool(true)),
+                ));
+                m.usage_injected = true;
+            }
+        }
+    }
+    let usage = raw.usage.map(|u| UsageSettings {
+        ledger: u.ledger.map(PathBuf::from),
+        flush_interval: u
+            .flush_interval
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(10)),
+    });
+    if let Some(p) = usage.as_ref().and_then(|u| u.ledger.as_ref()) {
+        if p.extension().is_some_and(|e| e == "db") {
+            problems.push(
+                "usage.ledger: only a JSON ledger file is supported (use a .json path)".to_string(),
+            );
+        }
+    }
+
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
     Ok(Config {
         tracing,
+        usage,
         listen,
         limits: Limits { max_body, max_slug },
         upstreams,

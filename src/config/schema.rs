@@ -32,6 +32,22 @@ pub struct RawConfig {
     /// Call traces.
     #[serde(default)]
     pub tracing: Option<RawTracing>,
+    /// Usage accounting.
+    #[serde(default)]
+    pub usage: Option<RawUsage>,
+}
+
+/// `usage:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    /// Ledger file (JSON); in memory only when absent.
+    pub ledger: Option<String>,
+    /// Longest time a change waits before the file is rewritten.
+    pub flush_interval: Option<HumanDuration>,
+    /// Ask openai/vllm upstreams for the usage chunk on streams (default true); the client
+    /// does not see it unless it asked.
+    pub inject_include_usage: Option<bool>,
 }
 
 /// `tracing:` section.

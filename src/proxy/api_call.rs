@@ -4,6 +4,7 @@ use super::ctx::RequestCtx;
 use super::forward::{self, Observer, Outbound};
 use crate::config::{ModelConfig, UpstreamConfig};
 use crate::error::EdgeError;
+use crate::observe::ledger::{CallUsage, Ledger};
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::shaping::body::{json_string, Edit, TopLevel};
@@ -152,6 +153,7 @@ pub async fn handle(
     session: &mut Session,
     connector: &Connector,
     tracer: &Tracer,
+    ledger: Option<&Ledger>,
     snap: &Snapshot,
     api: ApiEndpoint,
     path_and_query: &str,
@@ -164,7 +166,8 @@ pub async fn handle(
     // Held until the record is queued, so a flush waits for this call.
     let _ticket = traced.then(|| tracer.begin());
     let timestamp = unix_now();
-    let mut obs = traced.then(|| Observer::new(flavor_of(api), ctx.started));
+    let mut obs = (traced || ledger.is_some())
+        .then(|| Observer::new(flavor_of(api), ctx.started, traced, ledger.is_some()));
     let result = route_and_forward(
         session,
         connector,
@@ -209,6 +212,26 @@ pub async fn handle(
         });
         tracer.submit(rec);
     }
+    if let (Some(l), Some(upstream)) = (ledger, ctx.upstream.clone()) {
+        let failure = match &result {
+            Ok(()) if (200..300).contains(&ctx.status) => None,
+            Ok(()) => Some(match ctx.status {
+                429 => "upstream_rate_limited".to_string(),
+                s if s >= 500 => "upstream_5xx".to_string(),
+                _ => "upstream_4xx".to_string(),
+            }),
+            Err(e) => Some(e.code().to_string()),
+        };
+        l.record(CallUsage {
+            client: "anonymous".into(),
+            upstream,
+            key_id: ctx.key_id.clone(),
+            model: ctx.model.clone().unwrap_or_default(),
+            stream: obs.as_ref().is_some_and(|o| o.is_sse()),
+            failure,
+            tokens: obs.as_mut().and_then(|o| o.tokens()),
+        });
+    }
     result
 }
 
@@ -249,10 +272,21 @@ async fn route_and_forward(
     drop(top);
     ctx.injected = shaped.injected.clone();
     let client = session.req_header().clone();
-    let strip = m
-        .strip_injected_fields
-        .then(|| Strip::for_injected(&shaped.injected))
-        .filter(|s| !s.is_empty());
+    // The usage chunk llm-edge asked for is withheld from a client that did not ask for it;
+    // with strip_injected_fields everything else injected is removed too.
+    let strip = if m.strip_injected_fields {
+        Strip::for_injected(&shaped.injected)
+    } else {
+        Strip {
+            usage_event: m.usage_injected
+                && shaped
+                    .injected
+                    .iter()
+                    .any(|f| f == "stream_options.include_usage"),
+            ..Strip::default()
+        }
+    };
+    let strip = (!strip.is_empty()).then_some(strip);
     let upstream_model = m.upstream_model.as_deref().unwrap_or(m.name.as_str());
     let session_value = upstream
         .cfg

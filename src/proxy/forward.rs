@@ -6,6 +6,7 @@ use super::ctx::RequestCtx;
 use super::headers;
 use super::respond;
 use crate::error::EdgeError;
+use crate::observe::usage::UsageScanner;
 use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
 use crate::upstream::keys::Pick;
@@ -672,41 +673,66 @@ pub struct Observer {
     pub started: std::time::Instant,
     /// Time to the first response body chunk.
     pub ttft: Option<std::time::Duration>,
-    /// The output so far.
-    pub acc: Accumulator,
+    /// The output so far (traced calls).
+    pub acc: Option<Accumulator>,
+    /// Usage byte scanner (untraced calls counted in the ledger).
+    scanner: Option<UsageScanner>,
+    want_usage: bool,
     is_sse: bool,
 }
 
 impl Observer {
-    /// An observer for a response of `flavor`.
-    pub fn new(flavor: Flavor, started: std::time::Instant) -> Self {
+    /// An observer for a response of `flavor`: `trace` accumulates the whole output,
+    /// `usage` (when not tracing) only scans for token usage.
+    pub fn new(flavor: Flavor, started: std::time::Instant, trace: bool, usage: bool) -> Self {
         Self {
             started,
             ttft: None,
-            acc: Accumulator::new(flavor),
+            acc: trace.then(|| Accumulator::new(flavor)),
+            scanner: None,
+            want_usage: usage && !trace,
             is_sse: false,
         }
     }
 
     fn begin(&mut self, is_sse: bool) {
         self.is_sse = is_sse;
+        if self.want_usage {
+            self.scanner = Some(UsageScanner::new(is_sse));
+        }
     }
 
     fn on_chunk(&mut self, chunk: &[u8]) {
         if self.ttft.is_none() {
             self.ttft = Some(self.started.elapsed());
         }
-        if self.is_sse {
-            self.acc.feed_sse(chunk);
-        } else {
-            self.acc.feed_json(chunk);
+        if let Some(acc) = self.acc.as_mut() {
+            if self.is_sse {
+                acc.feed_sse(chunk);
+            } else {
+                acc.feed_json(chunk);
+            }
+        }
+        if let Some(s) = self.scanner.as_mut() {
+            s.feed(chunk);
         }
     }
 
     /// Ends the response (parses a buffered JSON body). Also called for partial output.
     pub fn finish(&mut self) {
         if !self.is_sse {
-            self.acc.finish_json();
+            if let Some(acc) = self.acc.as_mut() {
+                acc.finish_json();
+            }
+        }
+    }
+
+    /// Token usage reported by the upstream, if seen.
+    pub fn tokens(&mut self) -> Option<crate::trace::record::Tokens> {
+        match (self.acc.as_ref(), self.scanner.as_mut()) {
+            (Some(acc), _) => acc.usage(),
+            (None, Some(s)) => s.finish(),
+            (None, None) => None,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod passthrough;
 pub mod respond;
 
 use crate::error::EdgeError;
+use crate::observe::ledger::Ledger;
 use crate::route::api::{self, ApiPath};
 use crate::route::slug;
 use crate::snapshot::SharedSnapshot;
@@ -27,15 +28,17 @@ pub struct EdgeProxy {
     state: SharedSnapshot,
     connector: Arc<Connector>,
     tracer: Arc<Tracer>,
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl EdgeProxy {
     /// A proxy over the shared config snapshot, with its own pooled connector for API calls.
-    pub fn new(state: SharedSnapshot, tracer: Arc<Tracer>) -> Self {
+    pub fn new(state: SharedSnapshot, tracer: Arc<Tracer>, ledger: Option<Arc<Ledger>>) -> Self {
         Self {
             state,
             connector: Arc::new(Connector::new(None)),
             tracer,
+            ledger,
         }
     }
 }
@@ -70,7 +73,8 @@ impl ProxyHttp for EdgeProxy {
         };
         let path = meta.path.clone();
         if crate::admin::is_admin_path(&path) {
-            crate::admin::handle(session, &path, &self.tracer, &snap).await?;
+            crate::admin::handle(session, &path, &self.tracer, self.ledger.as_deref(), &snap)
+                .await?;
             return Ok(true);
         }
         let path_and_query = match session.req_header().uri.query() {
@@ -84,6 +88,7 @@ impl ProxyHttp for EdgeProxy {
                     session,
                     &self.connector,
                     &self.tracer,
+                    self.ledger.as_deref(),
                     &snap,
                     endpoint,
                     &path_and_query,

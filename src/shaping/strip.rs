@@ -94,6 +94,9 @@ impl Strip {
         if data == "[DONE]" {
             return Some(None);
         }
+        if self.usage_event && !self.logprobs && !self.top_logprobs && !self.token_ids {
+            return strip_usage_only(data);
+        }
         let Ok(mut v) = serde_json::from_str::<Value>(data) else {
             return Some(None);
         };
@@ -102,6 +105,30 @@ impl Strip {
         }
         Some(Some(v.to_string()))
     }
+}
+
+/// Withholds the usage-only chunk and removes `"usage":null` without re-serialising the event,
+/// so every other byte is what the upstream sent (the usage chunk was asked for by llm-edge's
+/// usage accounting, not by the client).
+fn strip_usage_only(data: &str) -> Option<Option<String>> {
+    let usage_only = data.contains("\"choices\":[]") && data.contains("\"usage\":{");
+    if usage_only {
+        return None;
+    }
+    for pat in [
+        ",\"usage\":null",
+        "\"usage\":null,",
+        ", \"usage\": null",
+        "\"usage\": null, ",
+    ] {
+        if let Some(i) = data.find(pat) {
+            let mut out = String::with_capacity(data.len());
+            out.push_str(&data[..i]);
+            out.push_str(&data[i + pat.len()..]);
+            return Some(Some(out));
+        }
+    }
+    Some(None)
 }
 
 /// Re-emits an SSE stream event by event with [`Strip`] applied. Event boundaries are kept;
@@ -217,6 +244,25 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"index\":0}]}\n\ndata: [DONE]\n\n"
+        );
+    }
+
+    #[test]
+    fn usage_only_strip_keeps_every_other_byte() {
+        let s = Strip {
+            usage_event: true,
+            ..Strip::default()
+        };
+        let mut st = SseStripper::new(s);
+        let src = concat!(
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\u00e9\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let out: Vec<u8> = src.as_bytes().chunks(5).flat_map(|c| st.feed(c)).collect();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\u00e9\"}}]}\n\ndata: [DONE]\n\n"
         );
     }
 

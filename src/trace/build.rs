@@ -72,8 +72,8 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
     let mut output = TraceOutput::default();
     let mut tokens = Default::default();
     let mut trace_id = None;
-    if let Some(o) = f.observer {
-        let choices = o.acc.choices();
+    if let Some(acc) = f.observer.and_then(|o| o.acc.as_ref()) {
+        let choices = acc.choices();
         if let Some(c0) = choices.first() {
             output.message = c0.message.clone();
             output.finish_reason = c0.finish_reason.clone();
@@ -81,9 +81,9 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
             output.rollout_logprobs = c0.rollout_logprobs.clone();
         }
         output.choices = choices;
-        input.prompt_token_ids = o.acc.prompt_token_ids().unwrap_or_default();
-        tokens = o.acc.usage().unwrap_or_default();
-        trace_id = o.acc.response_id.clone();
+        input.prompt_token_ids = acc.prompt_token_ids().unwrap_or_default();
+        tokens = acc.usage().unwrap_or_default();
+        trace_id = acc.response_id.clone();
     }
     let mut metadata: Map<String, Value> = f.meta.metadata.clone().unwrap_or_default();
     if let Some(id) = &f.meta.session_id {
