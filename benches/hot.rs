@@ -9,7 +9,7 @@ use llm_edge::observe::sse::SseSplitter;
 use llm_edge::route::{api, slug};
 use llm_edge::shaping::body::{json_string, Edit, TopLevel};
 use llm_edge::trace::accumulate::{Accumulator, Flavor};
-use llm_edge::upstream::keys::KeyPool;
+use llm_edge::upstream::keys::{KeyPool, Pick};
 use std::borrow::Cow;
 
 fn chat_body(target: usize) -> Vec<u8> {
@@ -110,6 +110,30 @@ fn bench_key_selection(c: &mut Criterion) {
         let pool = KeyPool::simple(UpstreamKind::Openai, &keys);
         g.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
             b.iter(|| pool.pick().map(|k| k.id.len()))
+        });
+        // Under contention: two threads select (and release) for the same model at once.
+        let pool = std::sync::Arc::new(KeyPool::simple(UpstreamKind::Openai, &keys));
+        g.bench_function(BenchmarkId::new("contended_2_threads", n), |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                let handles: Vec<_> = (0..2)
+                    .map(|_| {
+                        let pool = pool.clone();
+                        std::thread::spawn(move || {
+                            for _ in 0..iters {
+                                if let Pick::Key(l) = pool.select("m", None, &[]) {
+                                    black_box(l.index);
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    let _ = h.join();
+                }
+                // Time per selection, both threads' selections counted.
+                start.elapsed() / 2
+            })
         });
     }
     g.finish();

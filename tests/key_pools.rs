@@ -363,7 +363,10 @@ fn peak_in_flight_by_key(mock: &Mock) -> BTreeMap<&'static str, i32> {
         .map(|s| {
             let (at, how) = s.end().expect("every stream ended");
             assert_eq!(how, StreamEnd::Completed, "stream {} completed", s.uri);
-            (s.uri.clone(), at)
+            // The last chunk's emission is the latest moment the upstream still held the
+            // request: the mock's own end-of-stream record can come after the proxy already
+            // had every byte, released the key and sent the next request.
+            (s.uri.clone(), s.emitted().last().copied().unwrap_or(at))
         })
         .collect();
     let mut events: BTreeMap<&'static str, Vec<(Instant, i32)>> = BTreeMap::new();

@@ -17,6 +17,7 @@ use futures::FutureExt;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::HttpTask;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 use std::net::SocketAddr;
@@ -366,7 +367,7 @@ async fn pass_through(
 async fn relay(
     session: &mut Session,
     connector: &Connector,
-    us: HttpSession,
+    mut us: HttpSession,
     replica: &Replica,
     out: &Outbound<'_>,
     ctx: &mut RequestCtx,
@@ -400,7 +401,9 @@ async fn relay(
         is_sse,
         transform,
         held_header: None,
+        header_sent: false,
     };
+    let mut initial = None;
     if matches!(relay.transform, Transform::Json(..)) {
         // The rewritten body changes length: the header waits for the whole body.
         relay.held_header = Some(down);
@@ -409,19 +412,35 @@ async fn relay(
             down.remove_header(&http::header::CONTENT_LENGTH);
             let _ = down.insert_header(http::header::TRANSFER_ENCODING, "chunked");
         }
-        if session
-            .write_response_header(Box::new(down), false)
-            .await
-            .is_err()
-        {
-            return Err(EdgeError::ClientClosed);
+        // When body bytes arrived with the header, send both in one write (one wakeup of the
+        // client instead of two); otherwise the header goes now, so the client sees it while
+        // the upstream is still thinking.
+        match us.read_response_body().now_or_never() {
+            Some(Ok(c)) => {
+                relay.held_header = Some(down);
+                initial = Some(Step::Chunk(c));
+            }
+            other => {
+                if session
+                    .write_response_header(Box::new(down), false)
+                    .await
+                    .is_err()
+                {
+                    return Err(EdgeError::ClientClosed);
+                }
+                relay.header_sent = true;
+                initial = match other {
+                    Some(Err(e)) => Some(Step::UpstreamFailed(e)),
+                    _ => None,
+                };
+            }
         }
-        ctx.responded = true;
     }
-    let r = stream_body(session, connector, us, replica, relay, deadline, t, obs).await;
-    if r.is_ok() {
-        ctx.responded = true;
-    }
+    let r = stream_body(
+        session, connector, us, replica, &mut relay, initial, deadline, t, obs,
+    )
+    .await;
+    ctx.responded = relay.header_sent;
     r
 }
 
@@ -542,8 +561,11 @@ enum Transform {
 struct Relay {
     is_sse: bool,
     transform: Transform,
-    /// Header not yet sent (JSON rewrite: sent with the rewritten body).
+    /// Header not yet sent (JSON rewrite: sent with the rewritten body; otherwise sent with
+    /// the first body bytes).
     held_header: Option<ResponseHeader>,
+    /// Whether the response header went downstream.
+    header_sent: bool,
 }
 
 /// Hot path: relays response body chunks downstream as they arrive, watching for the client
@@ -554,7 +576,8 @@ async fn stream_body(
     connector: &Connector,
     mut us: HttpSession,
     replica: &Replica,
-    mut relay: Relay,
+    relay: &mut Relay,
+    initial: Option<Step>,
     deadline: Instant,
     t: &crate::config::Timeouts,
     mut obs: Option<&mut Observer>,
@@ -565,7 +588,7 @@ async fn stream_body(
     let mut watch_client = true;
     // Last two bytes sent, so an error event can start on an event boundary.
     let mut tail: [u8; 2] = *b"\n\n";
-    let mut pending: Option<Step> = None;
+    let mut pending: Option<Step> = initial;
     loop {
         let step = if let Some(p) = pending.take() {
             p
@@ -602,15 +625,39 @@ async fn stream_body(
                         None
                     }
                 };
+                let json_hold = matches!(relay.transform, Transform::Json(..));
                 if let Some(out) = outgoing {
                     if out.len() >= 2 {
                         tail = [out[out.len() - 2], out[out.len() - 1]];
                     } else if let Some(&b) = out.last() {
                         tail = [tail[1], b];
                     }
-                    if session.write_response_body(Some(out), false).await.is_err() {
+                    let written = match relay.held_header.take() {
+                        Some(h) => {
+                            let tasks = vec![
+                                HttpTask::Header(Box::new(h), false),
+                                HttpTask::Body(Some(out), false),
+                            ];
+                            let r = session.write_response_tasks(tasks).await;
+                            relay.header_sent = true;
+                            r.map(|_| ())
+                        }
+                        None => session.write_response_body(Some(out), false).await,
+                    };
+                    if written.is_err() {
                         // Dropping `us` closes the upstream connection: the upstream sees the abort.
                         return Err(EdgeError::ClientClosed);
+                    }
+                } else if !json_hold {
+                    if let Some(h) = relay.held_header.take() {
+                        relay.header_sent = true;
+                        if session
+                            .write_response_header(Box::new(h), false)
+                            .await
+                            .is_err()
+                        {
+                            return Err(EdgeError::ClientClosed);
+                        }
                     }
                 }
                 if let (Some(o), Some(c)) = (obs.as_deref_mut(), seen) {
@@ -618,11 +665,12 @@ async fn stream_body(
                 }
             }
             Step::Chunk(None) => {
+                if finish_body(session, relay).await.is_err() {
+                    return Err(EdgeError::ClientClosed);
+                }
+                // The client has everything: now parse what was observed.
                 if let Some(o) = obs.as_deref_mut() {
                     o.finish();
-                }
-                if finish_body(session, &mut relay).await.is_err() {
-                    return Err(EdgeError::ClientClosed);
                 }
                 connector
                     .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
@@ -663,6 +711,12 @@ async fn stream_body(
 /// Ends the downstream body: flushes a stripper's remainder, or sends a held header with the
 /// rewritten JSON body.
 async fn finish_body(session: &mut Session, relay: &mut Relay) -> pingora::Result<()> {
+    if !matches!(relay.transform, Transform::Json(..)) {
+        if let Some(h) = relay.held_header.take() {
+            relay.header_sent = true;
+            session.write_response_header(Box::new(h), false).await?;
+        }
+    }
     match &mut relay.transform {
         Transform::None => {}
         Transform::Sse(st) => {
@@ -681,6 +735,7 @@ async fn finish_body(session: &mut Session, relay: &mut Relay) -> pingora::Resul
             if let Some(mut h) = relay.held_header.take() {
                 h.remove_header(&http::header::TRANSFER_ENCODING);
                 h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                relay.header_sent = true;
                 session.write_response_header(Box::new(h), false).await?;
             }
             return session.write_response_body(Some(body), true).await;

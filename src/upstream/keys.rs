@@ -390,15 +390,32 @@ impl KeyPool {
             }
         };
         match chosen {
-            Some(i) => {
-                self.keys[i].state.in_flight.fetch_add(1, Ordering::AcqRel);
-                Pick::Key(KeyLease {
-                    pool: self,
-                    index: i,
-                })
-            }
+            Some(i) if self.try_acquire(i) => Pick::Key(KeyLease {
+                pool: self,
+                index: i,
+            }),
+            // Another request took the last slot between the check and the claim.
+            Some(_) => Pick::Busy,
             None if busy => Pick::Busy,
             None => Pick::Exhausted(earliest.map(Duration::from_millis)),
+        }
+    }
+
+    /// Claims an in-flight slot on key `i`, atomically respecting its `max_concurrent`.
+    fn try_acquire(&self, i: usize) -> bool {
+        let k = &self.keys[i];
+        match k.max_concurrent {
+            None => {
+                k.state.in_flight.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Some(max) => k
+                .state
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    (v < max).then_some(v + 1)
+                })
+                .is_ok(),
         }
     }
 
