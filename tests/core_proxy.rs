@@ -730,3 +730,57 @@ async fn sse_stream_stays_chunked_downstream() {
         "a chunked upstream response stays chunked: {problems:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upstream_is_a_504_after_the_first_byte_timeout() {
+    // An upstream that accepts and reads but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let hold = std::thread::spawn(move || {
+        let (conn, _) = silent.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(conn);
+    });
+    let cfg = vllm_config(&url).replace("first_byte: 10s", "first_byte: 300ms");
+    let proxy = Proxy::start(&cfg);
+
+    let started = Instant::now();
+    let resp = post(&proxy, CHAT, r#"{"model":"m1","messages":[]}"#).await;
+    let took = started.elapsed();
+
+    assert_error(resp, 504, "upstream_timeout").await;
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    drop(proxy);
+    hold.join().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_silent_past_the_idle_timeout_ends_with_an_error_event() {
+    let chunks = vec![
+        (ms(0), Bytes::from_static(b"data: {\"n\":1}\n\n")),
+        (ms(1500), Bytes::from_static(b"data: {\"n\":2}\n\n")),
+    ];
+    let mock = Mock::replying(Reply::sse(chunks));
+    let cfg = vllm_config(&mock.url()).replace("idle: 10s", "idle: 300ms");
+    let proxy = Proxy::start(&cfg);
+
+    let resp = post(&proxy, CHAT, r#"{"model":"m1","stream":true}"#).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    let mut broken = false;
+    while let Some(item) = within(Duration::from_secs(5), "stream", body.next()).await {
+        match item {
+            Ok(b) => got.extend_from_slice(&b),
+            Err(_) => {
+                broken = true;
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("data: {\"n\":1}\n\n"), "{text}");
+    assert!(text.contains("\"code\":\"upstream_timeout\""), "{text}");
+    assert!(!text.contains("{\"n\":2}"), "{text}");
+    assert!(broken, "the body must end as broken, not cleanly: {text}");
+}
