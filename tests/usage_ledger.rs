@@ -47,8 +47,9 @@ fn unix_now() -> u64 {
 /// - `o` (openai, key `main`): `gpt`, `gpt-limited` (answers 429 with `Retry-After: 30`)
 /// - `b` (openai, one bare key): `gpt-bare`
 /// - `a` (anthropic, key `ant`): `claude`
-/// - `v` (vllm, keyless): `local`, `spaced`, `crlf`, `emb`, `broken` (500), `limited` (429),
-///   `invalid` (400), `long-tail` (usage followed by 40 KB of `prompt_logprobs`)
+/// - `v` (vllm, keyless): `local`, `spaced`, `crlf`, `nospace`, `usage-token` (streams in odd
+///   but valid shapes), `emb`, `broken` (500), `limited` (429), `invalid` (400), `long-tail`
+///   (usage followed by 40 KB of `prompt_logprobs`)
 /// - `d` (vllm, nothing listening): `gone`
 fn config(mock: &str, usage: &str) -> String {
     let down = free_port();
@@ -86,6 +87,9 @@ models:
   - {{name: local, upstream: v}}
   - {{name: spaced, upstream: v}}
   - {{name: crlf, upstream: v}}
+  - {{name: nospace, upstream: v}}
+  - {{name: usage-token, upstream: v}}
+  - {{name: usage-token-last, upstream: v}}
   - {{name: emb, upstream: v}}
   - {{name: broken, upstream: v}}
   - {{name: limited, upstream: v}}
@@ -182,6 +186,46 @@ fn crlf_stream(include_usage: bool) -> String {
     s
 }
 
+/// A server writing `data:` without the optional space (valid SSE; e.g. Spring's encoder).
+fn nospace_stream(include_usage: bool) -> String {
+    let u = if include_usage { ",\"usage\":null" } else { "" };
+    let mut s = format!(
+        "data:{{\"id\":\"c-ns\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"hi\"}},\"finish_reason\":null}}]{u}}}\n\n\
+         data:{{\"id\":\"c-ns\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{u}}}\n\n"
+    );
+    if include_usage {
+        s.push_str("data:{\"id\":\"c-ns\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n");
+    }
+    s.push_str("data:[DONE]\n\n");
+    s
+}
+
+/// A stream in which the model wrote the word `usage` as one token (`"content":"usage"`).
+/// `nulls`: every chunk carries `"usage":null` when usage was asked for (OpenAI); without,
+/// chunks have no `usage` member at all and the content comes last (a minimal server).
+fn usage_token_stream(include_usage: bool, nulls: bool) -> String {
+    let u = if include_usage && nulls {
+        ",\"usage\":null"
+    } else {
+        ""
+    };
+    let mut s = String::new();
+    for (content, finish) in [
+        ("usage", "null"),
+        (":", "null"),
+        (" llm-edge -c FILE", "\"stop\""),
+    ] {
+        s.push_str(&format!(
+            "data: {{\"id\":\"c-ut\",\"choices\":[{{\"index\":0,\"finish_reason\":{finish},\"delta\":{{\"content\":\"{content}\"}}}}]{u}}}\n\n"
+        ));
+    }
+    if include_usage {
+        s.push_str("data: {\"id\":\"c-ut\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,\"total_tokens\":10}}\n\n");
+    }
+    s.push_str("data: [DONE]\n\n");
+    s
+}
+
 /// A vLLM chat completion as vLLM orders its fields: `usage` (30 + 2 tokens), then
 /// `prompt_logprobs` (here ~40 KB, as with `prompt_logprobs` requested on a long prompt).
 fn long_tail_json() -> String {
@@ -258,6 +302,11 @@ fn upstream(r: &Recorded) -> Reply {
         ),
         (_, "spaced") => Reply::sse(ragged(&spaced_stream(wants_usage(&body)))),
         (_, "crlf") => Reply::sse(ragged(&crlf_stream(wants_usage(&body)))),
+        (_, "nospace") => Reply::sse(ragged(&nospace_stream(wants_usage(&body)))),
+        (_, "usage-token") => Reply::sse(ragged(&usage_token_stream(wants_usage(&body), true))),
+        (_, "usage-token-last") => {
+            Reply::sse(ragged(&usage_token_stream(wants_usage(&body), false)))
+        }
         (_, "long-tail") => Reply::json(200, long_tail_json()),
         _ if stream && wants_usage(&body) => Reply::sse(ragged(OPENAI_STREAM_WITH_USAGE)),
         _ if stream => Reply::sse(ragged(OPENAI_STREAM_WITHOUT_USAGE)),
@@ -876,6 +925,74 @@ async fn crlf_framed_stream_is_counted_and_stripped_byte_for_byte() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// `data:` without a space is valid SSE: the events llm-edge edits keep the upstream's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_lines_without_a_space_keep_their_bytes() {
+    let mock = Mock::start(upstream);
+    let (_proxy, edge) = start_in_process(&mock, "{}");
+    let (status, got) = edge
+        .call(CHAT, r#"{"model":"nospace","stream":true,"messages":[]}"#)
+        .await;
+    assert_eq!(status, 200);
+    let by_model = edge.usage_settled("model", 1).await;
+    assert_eq!(
+        by_model["data"],
+        json!([expect_row(
+            "model",
+            "nospace",
+            1,
+            1,
+            json!({}),
+            1,
+            (3, 2, 5, 0)
+        )]),
+        "{by_model}"
+    );
+    assert_eq!(String::from_utf8_lossy(&got), nospace_stream(false));
+}
+
+/// A model may write the word `usage` as a token: that chunk is forwarded like every other
+/// (losing only its own `"usage":null`), and the call is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_spelled_usage_does_not_confuse_the_stripper() {
+    let mock = Mock::start(upstream);
+    let (_proxy, edge) = start_in_process(&mock, "{}");
+    let mut problems = Vec::new();
+    for (model, nulls) in [("usage-token", true), ("usage-token-last", false)] {
+        let (status, got) = edge
+            .call(
+                CHAT,
+                format!(r#"{{"model":"{model}","stream":true,"messages":[]}}"#),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let want = usage_token_stream(false, nulls);
+        if got != want.as_bytes() {
+            problems.push(format!(
+                "{model}: the client stream differs from the upstream's without usage:\n got: {:?}\nwant: {want:?}",
+                String::from_utf8_lossy(&got)
+            ));
+        }
+    }
+    let by_model = edge.usage_settled("model", 2).await;
+    let want = json!([
+        expect_row("model", "usage-token", 1, 1, json!({}), 1, (7, 3, 10, 0)),
+        expect_row(
+            "model",
+            "usage-token-last",
+            1,
+            1,
+            json!({}),
+            1,
+            (7, 3, 10, 0)
+        ),
+    ]);
+    if by_model["data"] != want {
+        problems.push(format!("ledger:\n got: {}\nwant: {want}", by_model["data"]));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 /// vLLM puts `prompt_logprobs` (and, when asked, `prompt_token_ids`) after `usage`; with a
 /// long prompt that tail is tens of kilobytes. The usage is still counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -928,7 +1045,9 @@ async fn no_secret_in_the_ledger_file_or_admin_usage() {
     let (status, _) = edge.call(CHAT, chat_body("gpt-limited", "")).await;
     assert_eq!(status, 429);
     let by_key = edge.usage_settled("key", 4).await;
-    let bare_id = format!("b/{}", derived_id_in(&by_key));
+    let derived = derived_id_in(&by_key);
+    assert!(derived.starts_with("key-"), "a derived id: {by_key}");
+    let bare_id = format!("b/{derived}");
     assert_eq!(
         groups(&by_key),
         ["a/ant", bare_id.as_str(), "o/main"],

@@ -7,8 +7,10 @@ use serde::Deserialize;
 
 /// Largest partial SSE event kept while looking for usage.
 const MAX_EVENT: usize = 1 << 20;
-/// Tail of a JSON body kept for the usage object.
-const JSON_TAIL: usize = 16 << 10;
+/// Bytes carried from one JSON chunk to the next (longer than `"usage"`).
+const CARRY: usize = 16;
+/// Longest usage object kept while it is incomplete.
+const USAGE_CAP: usize = 8 << 10;
 
 #[derive(Debug, Default, Deserialize)]
 struct Details {
@@ -32,8 +34,10 @@ struct UsageFields {
 #[derive(Debug, Default)]
 pub struct UsageScanner {
     sse: bool,
-    /// SSE: the current partial event. JSON: the last bytes of the body.
+    /// SSE: the current partial event. JSON: the last bytes of the previous chunk.
     buf: Vec<u8>,
+    /// JSON: bytes from a `"usage"` key whose object has not fully arrived.
+    capture: Vec<u8>,
     usage: Option<Tokens>,
 }
 
@@ -41,11 +45,51 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+/// End of the first complete SSE event and the separator's length (`\n\n`, `\r\n\r\n`).
+fn event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] == b'\n' && b[i + 1] == b'\n' {
+            return Some((i, 2));
+        }
+        if b[i] == b'\r'
+            && b[i + 1] == b'\n'
+            && b.get(i + 2) == Some(&b'\r')
+            && b.get(i + 3) == Some(&b'\n')
+        {
+            return Some((i, 4));
+        }
+        i += 1;
+    }
+    None
 }
 
-/// Parses the usage object that starts after `"usage"` at `at`.
+
+/// Position of the first `"usage"` key whose value is an object (a string value that happens
+/// to be "usage", or `"usage": null`, is skipped).
+fn find_usage_object(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(rel) = find(&bytes[from..], b"\"usage\"") {
+        let at = from + rel;
+        let mut i = at + b"\"usage\"".len();
+        while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        if bytes.get(i) == Some(&b':') {
+            i += 1;
+            while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
+                i += 1;
+            }
+            if bytes.get(i) == Some(&b'{') {
+                return Some(at);
+            }
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Parses the usage object whose key starts at `at`.
 fn parse_usage_at(bytes: &[u8], at: usize) -> Option<UsageFields> {
     let rest = &bytes[at + b"\"usage\"".len()..];
     let colon = rest.iter().position(|&b| b == b':')?;
@@ -70,26 +114,59 @@ impl UsageScanner {
     /// Hot path: called with every response chunk after it went downstream.
     pub fn feed(&mut self, chunk: &[u8]) {
         if !self.sse {
-            self.buf.extend_from_slice(chunk);
-            if self.buf.len() > 2 * JSON_TAIL {
-                let cut = self.buf.len() - JSON_TAIL;
-                self.buf.drain(..cut);
-            }
+            self.feed_json(chunk);
             return;
         }
         self.buf.extend_from_slice(chunk);
         let mut start = 0;
-        while let Some(rel) = find(&self.buf[start..], b"\n\n") {
+        while let Some((rel, sep)) = event_end(&self.buf[start..]) {
             let end = start + rel;
-            if let Some(at) = find(&self.buf[start..end], b"\"usage\"") {
+            if let Some(at) = find_usage_object(&self.buf[start..end]) {
                 let event = self.buf[start..end].to_vec();
                 self.take(&event, at);
             }
-            start = end + 2;
+            start = end + sep;
         }
         self.buf.drain(..start);
         if self.buf.len() > MAX_EVENT {
             self.buf.clear();
+        }
+    }
+
+    /// JSON bodies: the `usage` key may sit anywhere (vLLM puts long token-id arrays after
+    /// it), so each chunk is scanned for it (with a few bytes carried over a chunk boundary)
+    /// and the bytes from there are kept until the object parses.
+    fn feed_json(&mut self, chunk: &[u8]) {
+        if !self.capture.is_empty() {
+            let room = USAGE_CAP.saturating_sub(self.capture.len());
+            self.capture
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let cap = std::mem::take(&mut self.capture);
+            if !self.try_take(&cap) && cap.len() < USAGE_CAP {
+                self.capture = cap;
+            }
+        }
+        let mut hay = std::mem::take(&mut self.buf);
+        hay.extend_from_slice(chunk);
+        if let Some(at) = find_usage_object(&hay) {
+            let end = (at + USAGE_CAP).min(hay.len());
+            let cap = hay[at..end].to_vec();
+            if !self.try_take(&cap) {
+                self.capture = cap;
+            }
+        }
+        // Carry the last bytes so a key split across two chunks is still found.
+        let keep = hay.len().min(CARRY);
+        self.buf = hay[hay.len() - keep..].to_vec();
+    }
+
+    /// Parses a usage object starting at `"usage"` in `cap`; true when it did.
+    fn try_take(&mut self, cap: &[u8]) -> bool {
+        if parse_usage_at(cap, 0).is_some() {
+            self.take(cap, 0);
+            true
+        } else {
+            false
         }
     }
 
@@ -132,12 +209,6 @@ impl UsageScanner {
 
     /// The usage found, once the response ended.
     pub fn finish(&mut self) -> Option<Tokens> {
-        if !self.sse {
-            let buf = std::mem::take(&mut self.buf);
-            if let Some(at) = rfind(&buf, b"\"usage\"") {
-                self.take(&buf, at);
-            }
-        }
         self.usage.clone()
     }
 }

@@ -212,7 +212,8 @@ pub async fn handle(
         });
         tracer.submit(rec);
     }
-    if let (Some(l), Some(upstream)) = (ledger, ctx.upstream.clone()) {
+    // Only calls that reached an upstream are charged to it.
+    if let (Some(l), Some(upstream), true) = (ledger, ctx.upstream.clone(), ctx.attempts > 0) {
         let failure = match &result {
             Ok(()) if (200..300).contains(&ctx.status) => None,
             Ok(()) => Some(match ctx.status {

@@ -111,24 +111,53 @@ impl Strip {
 /// so every other byte is what the upstream sent (the usage chunk was asked for by llm-edge's
 /// usage accounting, not by the client).
 fn strip_usage_only(data: &str) -> Option<Option<String>> {
-    let usage_only = data.contains("\"choices\":[]") && data.contains("\"usage\":{");
-    if usage_only {
-        return None;
-    }
-    for pat in [
-        ",\"usage\":null",
-        "\"usage\":null,",
-        ", \"usage\": null",
-        "\"usage\": null, ",
-    ] {
-        if let Some(i) = data.find(pat) {
-            let mut out = String::with_capacity(data.len());
-            out.push_str(&data[..i]);
-            out.push_str(&data[i + pat.len()..]);
-            return Some(Some(out));
+    // The key, not a string value that happens to be "usage": the first match followed by ':'.
+    let mut from = 0;
+    let (key, value_start) = loop {
+        let Some(rel) = data[from..].find("\"usage\"") else {
+            return Some(None);
+        };
+        let key = from + rel;
+        let after_key = key + "\"usage\"".len();
+        let rest = data[after_key..].trim_start();
+        if let Some(v) = rest.strip_prefix(':') {
+            break (key, data.len() - v.len());
         }
+        from = after_key;
+    };
+    let value = data[value_start..].trim_start();
+    if value.starts_with('{') {
+        // A usage object: withhold the event when it carries no choices (the usage chunk).
+        let no_choices = serde_json::from_str::<serde_json::Value>(data)
+            .ok()
+            .and_then(|v| {
+                v.get("choices")
+                    .and_then(|c| c.as_array())
+                    .map(|c| c.is_empty())
+            })
+            .unwrap_or(false);
+        return if no_choices { None } else { Some(None) };
     }
-    Some(None)
+    if !value.starts_with("null") {
+        return Some(None);
+    }
+    // Remove the `"usage": null` member and one adjacent comma, whitespace included.
+    let null_end = data.len() - value.len() + "null".len();
+    let before = data[..key].trim_end();
+    let (cut_start, cut_end) = if let Some(b) = before.strip_suffix(',') {
+        (b.len(), null_end)
+    } else {
+        let after = &data[null_end..];
+        let trimmed = after.trim_start();
+        match trimmed.strip_prefix(',') {
+            Some(rest) => (key, data.len() - rest.trim_start().len()),
+            None => (key, null_end),
+        }
+    };
+    let mut out = String::with_capacity(data.len());
+    out.push_str(&data[..cut_start]);
+    out.push_str(&data[cut_end..]);
+    Some(Some(out))
 }
 
 /// Re-emits an SSE stream event by event with [`Strip`] applied. Event boundaries are kept;
@@ -183,9 +212,22 @@ impl SseStripper {
             None => {}
             Some(None) => out.extend_from_slice(raw),
             Some(Some(new)) => {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(new.as_bytes());
-                out.extend_from_slice(b"\n\n");
+                // One data line (the usual case): swap the payload in place so the event keeps
+                // its own framing (field spacing, CRLF line ends, other fields).
+                let payload = data.first().copied().unwrap_or_default();
+                let utf8 = std::str::from_utf8(raw).is_ok();
+                match (data.len(), text.find(payload)) {
+                    (1, Some(at)) if utf8 && !payload.is_empty() => {
+                        out.extend_from_slice(&raw[..at]);
+                        out.extend_from_slice(new.as_bytes());
+                        out.extend_from_slice(&raw[at + payload.len()..]);
+                    }
+                    _ => {
+                        out.extend_from_slice(b"data: ");
+                        out.extend_from_slice(new.as_bytes());
+                        out.extend_from_slice(b"\n\n");
+                    }
+                }
             }
         }
     }
