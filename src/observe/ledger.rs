@@ -98,6 +98,8 @@ struct FileForm {
 
 struct Inner {
     rows: Mutex<HashMap<LedgerKey, Counters>>,
+    /// Serialises saves (the writer thread and the shutdown flush share the temp file).
+    saving: Mutex<()>,
     dirty: AtomicBool,
     wake: Condvar,
     wake_lock: Mutex<bool>,
@@ -123,6 +125,7 @@ impl Ledger {
         Self {
             inner: Arc::new(Inner {
                 rows: Mutex::new(HashMap::new()),
+                saving: Mutex::new(()),
                 dirty: AtomicBool::new(false),
                 wake: Condvar::new(),
                 wake_lock: Mutex::new(false),
@@ -256,6 +259,7 @@ impl Ledger {
 }
 
 fn save(inner: &Inner, path: &Path) -> Result<(), String> {
+    let _one_at_a_time = inner.saving.lock().map_err(|_| "ledger save lock poisoned")?;
     let rows: Vec<Row> = match inner.rows.lock() {
         Ok(r) => r
             .iter()
@@ -267,7 +271,8 @@ fn save(inner: &Inner, path: &Path) -> Result<(), String> {
         Err(_) => return Err("ledger lock poisoned".into()),
     };
     let body = serde_json::to_vec(&FileForm { version: 1, rows }).map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("tmp");
+    // Per process, so an old and a new process (graceful upgrade) never share a temp file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
     f.write_all(&body)
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;

@@ -228,7 +228,7 @@ pub async fn handle(
             upstream,
             key_id: ctx.key_id.clone(),
             model: ctx.model.clone().unwrap_or_default(),
-            stream: obs.as_ref().is_some_and(|o| o.is_sse()),
+            stream: ctx.stream,
             failure,
             tokens: obs.as_mut().and_then(|o| o.tokens()),
         });
@@ -256,6 +256,7 @@ async fn route_and_forward(
 ) -> Result<(), EdgeError> {
     let top = TopLevel::parse(body)?;
     let model = model_of(&top)?;
+    ctx.stream = top.get_bool("stream") == Some(true);
     let Some(m) = snap.routes.model(&model) else {
         ctx.model = Some(model.clone());
         return Err(EdgeError::UnknownModel(model));

@@ -51,6 +51,8 @@ pub struct RequestCtx {
     pub injected: Vec<String>,
     /// Upstream status passed to the client (0 until a response started).
     pub status: u16,
+    /// The request asked for a stream (`"stream": true`).
+    pub stream: bool,
 }
 
 impl RequestCtx {
@@ -72,6 +74,7 @@ impl RequestCtx {
             path_meta: None,
             injected: Vec::new(),
             status: 0,
+            stream: false,
         }
     }
 }
