@@ -259,7 +259,10 @@ impl Ledger {
 }
 
 fn save(inner: &Inner, path: &Path) -> Result<(), String> {
-    let _one_at_a_time = inner.saving.lock().map_err(|_| "ledger save lock poisoned")?;
+    let _one_at_a_time = inner
+        .saving
+        .lock()
+        .map_err(|_| "ledger save lock poisoned")?;
     let rows: Vec<Row> = match inner.rows.lock() {
         Ok(r) => r
             .iter()

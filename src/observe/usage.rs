@@ -64,7 +64,6 @@ fn event_end(b: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-
 /// Position of the first `"usage"` key whose value is an object (a string value that happens
 /// to be "usage", or `"usage": null`, is skipped).
 fn find_usage_object(bytes: &[u8]) -> Option<usize> {

@@ -84,7 +84,9 @@ impl ProxyHttp for EdgeProxy {
         let method = session.req_header().method.clone();
         let result = match api::classify(&path) {
             ApiPath::Call(endpoint) if method == http::Method::POST => {
-                let r = api_call::handle(
+                // Boxed: the API-call future is large, and Pingora moves the request future
+                // around; a pointer is cheaper to move (memmove showed in profiles).
+                let r = Box::pin(api_call::handle(
                     session,
                     &self.connector,
                     &self.tracer,
@@ -94,7 +96,7 @@ impl ProxyHttp for EdgeProxy {
                     &path_and_query,
                     &meta,
                     ctx,
-                )
+                ))
                 .await;
                 ctx.path_meta = Some(meta);
                 r
