@@ -24,6 +24,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
 
+/// Whether a response is Server-Sent Events.
+fn is_event_stream(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 /// Statuses worth another replica or key when one is left.
 fn is_retryable_status(status: u16) -> bool {
     matches!(status, 429 | 500 | 502 | 503 | 504)
@@ -294,11 +302,7 @@ async fn backoff(attempt: usize) {
 /// streamed, in which case it must be relayed as it comes.
 async fn read_decision_body(us: &mut HttpSession, t: &crate::config::Timeouts) -> Option<Held> {
     let header = us.response_header()?.clone();
-    let is_sse = header
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = is_event_stream(&header);
     let declared = header
         .headers
         .get(http::header::CONTENT_LENGTH)
@@ -383,11 +387,7 @@ async fn relay(
     let status = resp.status.as_u16();
     let mut down = headers::downstream_response(resp)
         .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
-    let is_sse = resp
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = is_event_stream(resp);
     let transform = match (&out.strip, (200..300).contains(&status)) {
         (Some(st), true) if is_sse => Transform::Sse(SseStripper::new(st.clone())),
         (Some(st), true) => Transform::Json(st.clone(), Vec::new()),

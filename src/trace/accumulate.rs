@@ -155,48 +155,16 @@ impl Accumulator {
         let Some(choices) = v.get("choices").and_then(Value::as_array) else {
             return;
         };
+        let flavor = self.flavor;
         for c in choices {
-            let index = u64_at(c, "index").unwrap_or(0);
-            let flavor = self.flavor;
-            let acc = self.choice(index);
+            let acc = self.choice(u64_at(c, "index").unwrap_or(0));
             if let Some(d) = c.get("delta") {
-                if let Some(r) = d.get("role").and_then(Value::as_str) {
-                    acc.role = Some(r.to_string());
-                }
-                if let Some(t) = d.get("content").and_then(Value::as_str) {
-                    acc.content.push_str(t);
-                    acc.has_content = true;
-                }
-                for key in ["reasoning_content", "reasoning"] {
-                    if let Some(t) = d.get(key).and_then(Value::as_str) {
-                        acc.reasoning.push_str(t);
-                    }
-                }
-                if let Some(tcs) = d.get("tool_calls").and_then(Value::as_array) {
-                    for tc in tcs {
-                        merge_tool_call(&mut acc.tool_calls, tc);
-                    }
-                }
+                acc.absorb_message(d);
                 if let Some(t) = d.get("token_ids").and_then(ids) {
                     acc.token_ids.extend(t);
                 }
             }
-            if flavor == Flavor::Completions {
-                if let Some(t) = c.get("text").and_then(Value::as_str) {
-                    acc.content.push_str(t);
-                    acc.has_content = true;
-                }
-                if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
-                    acc.prompt_token_ids.get_or_insert(p);
-                }
-            }
-            if let Some(t) = c.get("token_ids").and_then(ids) {
-                acc.token_ids.extend(t);
-            }
-            collect_logprobs(c.get("logprobs"), &mut acc.logprobs);
-            if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
-                acc.finish_reason = Some(f.to_string());
-            }
+            acc.absorb_choice(c, flavor == Flavor::Completions);
         }
     }
 
@@ -210,45 +178,11 @@ impl Accumulator {
             return;
         };
         for c in choices {
-            let index = u64_at(c, "index").unwrap_or(0);
-            let acc = self.choice(index);
+            let acc = self.choice(u64_at(c, "index").unwrap_or(0));
             if let Some(m) = c.get("message") {
-                acc.role = m.get("role").and_then(Value::as_str).map(str::to_string);
-                if let Some(t) = m.get("content").and_then(Value::as_str) {
-                    acc.content.push_str(t);
-                    acc.has_content = true;
-                }
-                for key in ["reasoning_content", "reasoning"] {
-                    if let Some(t) = m.get(key).and_then(Value::as_str) {
-                        acc.reasoning.push_str(t);
-                    }
-                }
-                if let Some(tcs) = m.get("tool_calls").and_then(Value::as_array) {
-                    for (i, tc) in tcs.iter().enumerate() {
-                        let mut tc = tc.clone();
-                        if tc.get("index").is_none() {
-                            if let Some(o) = tc.as_object_mut() {
-                                o.insert("index".into(), Value::from(i));
-                            }
-                        }
-                        merge_tool_call(&mut acc.tool_calls, &tc);
-                    }
-                }
+                acc.absorb_message(m);
             }
-            if let Some(t) = c.get("text").and_then(Value::as_str) {
-                acc.content.push_str(t);
-                acc.has_content = true;
-            }
-            if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
-                acc.prompt_token_ids.get_or_insert(p);
-            }
-            if let Some(t) = c.get("token_ids").and_then(ids) {
-                acc.token_ids.extend(t);
-            }
-            collect_logprobs(c.get("logprobs"), &mut acc.logprobs);
-            if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
-                acc.finish_reason = Some(f.to_string());
-            }
+            acc.absorb_choice(c, true);
         }
     }
 
@@ -398,8 +332,53 @@ impl Accumulator {
     }
 }
 
-fn merge_tool_call(calls: &mut BTreeMap<u64, ToolCall>, tc: &Value) {
-    let index = u64_at(tc, "index").unwrap_or(calls.len() as u64);
+impl ChoiceAcc {
+    /// A message or a delta: role, content, reasoning, tool calls (deltas carry their index;
+    /// a whole message's calls are numbered by position).
+    fn absorb_message(&mut self, m: &Value) {
+        if let Some(r) = m.get("role").and_then(Value::as_str) {
+            self.role = Some(r.to_string());
+        }
+        if let Some(t) = m.get("content").and_then(Value::as_str) {
+            self.content.push_str(t);
+            self.has_content = true;
+        }
+        for key in ["reasoning_content", "reasoning"] {
+            if let Some(t) = m.get(key).and_then(Value::as_str) {
+                self.reasoning.push_str(t);
+            }
+        }
+        if let Some(tcs) = m.get("tool_calls").and_then(Value::as_array) {
+            let base = self.tool_calls.len() as u64;
+            for (i, tc) in tcs.iter().enumerate() {
+                let index = u64_at(tc, "index").unwrap_or(base + i as u64);
+                merge_tool_call(&mut self.tool_calls, index, tc);
+            }
+        }
+    }
+
+    /// The rest of a choice: completions text and prompt ids, token ids, logprobs, finish.
+    fn absorb_choice(&mut self, c: &Value, completions: bool) {
+        if completions {
+            if let Some(t) = c.get("text").and_then(Value::as_str) {
+                self.content.push_str(t);
+                self.has_content = true;
+            }
+            if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
+                self.prompt_token_ids.get_or_insert(p);
+            }
+        }
+        if let Some(t) = c.get("token_ids").and_then(ids) {
+            self.token_ids.extend(t);
+        }
+        collect_logprobs(c.get("logprobs"), &mut self.logprobs);
+        if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
+            self.finish_reason = Some(f.to_string());
+        }
+    }
+}
+
+fn merge_tool_call(calls: &mut BTreeMap<u64, ToolCall>, index: u64, tc: &Value) {
     let entry = calls.entry(index).or_default();
     if let Some(id) = tc.get("id").and_then(Value::as_str) {
         entry.id = Some(id.to_string());
