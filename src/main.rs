@@ -6,11 +6,6 @@ use pingora::server::RunArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-// glibc malloc showed up at ~8% of CPU per request under load; mimalloc's thread-local
-// free lists suit the many short-lived allocations of a proxy (benches/e2e).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Edge reverse proxy for LLM traffic.
 #[derive(Parser, Debug)]
 #[command(name = "llm-edge", version, about)]
@@ -41,6 +36,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = match llm_edge::config::load_file(&cli.conf) {
         Ok(c) => c,

@@ -122,6 +122,19 @@ impl ProxyHttp for EdgeProxy {
             Ok(()) => Ok(true),
             Err(e) => {
                 ctx.error_code = Some(e.code());
+                match &e {
+                    EdgeError::ClientClosed => {
+                        tracing::debug!(request_id = %ctx.request_id, "client went away")
+                    }
+                    e if e.status() >= 500 => tracing::warn!(
+                        request_id = %ctx.request_id,
+                        model = ctx.model.as_deref().unwrap_or("-"),
+                        upstream = ctx.upstream.as_deref().unwrap_or("-"),
+                        replica = ctx.replica.as_deref().unwrap_or("-"),
+                        "{e}"
+                    ),
+                    _ => {}
+                }
                 if ctx.responded {
                     // The stream already started and was ended with an error event: abort it.
                     return Err(edge_to_pingora(&e));
@@ -200,6 +213,21 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         e
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, e: &Error) -> bool {
+        // A client that goes away, or a failure already answered with our own error, is not
+        // an error of the proxy: logged at debug level instead.
+        let client_gone = e.esource() == &pingora::ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        let ours = ctx.error_code.is_some();
+        if client_gone || ours {
+            tracing::debug!(request_id = %ctx.request_id, "request ended early: {e}");
+        }
+        client_gone || ours
     }
 
     async fn fail_to_proxy(
