@@ -6,7 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::harness::{free_port, Proxy};
 use common::mock::{Mock, Reply, StreamEnd, StreamLog};
-use common::{assert_error, assert_error_shape, client, within};
+use common::{assert_error, assert_error_shape, client, post, within};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -33,16 +33,6 @@ routes:
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-async fn post(proxy: &Proxy, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-    client()
-        .post(proxy.url(path))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request through the proxy")
 }
 
 fn header<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {

@@ -9,7 +9,7 @@ use base64::Engine;
 use bytes::Bytes;
 use common::harness::{Proxy, TempDir};
 use common::mock::{Mock, Recorded, Reply, StreamEnd};
-use common::{assert_error, client, wait_until, within};
+use common::{assert_error, client, post, wait_until, within};
 use llm_edge::route::slug::{decode_slug, encode_slug};
 use llm_edge::trace::record::TraceRecord;
 use llm_edge::trace::sink::Sink;
@@ -33,16 +33,6 @@ fn obj(v: &Value) -> &Map<String, Value> {
 /// A YAML double-quoted string for a path.
 fn yaml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
-}
-
-async fn post(proxy: &Proxy, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-    client()
-        .post(proxy.url(path))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request through the proxy")
 }
 
 /// Posts and returns the body text, asserting a 200.

@@ -107,14 +107,15 @@ pub async fn forward(
         }
         // Key first: without one there is nothing to send.
         // Keys that answered 5xx are avoided while another key is available.
-        let mut pick = up.keys.select(
-            out.model,
-            out.session,
-            &[&tried_keys[..], &soft_keys[..]].concat(),
-        );
-        if !soft_keys.is_empty() && !matches!(pick, Pick::Key(_)) {
-            pick = up.keys.select(out.model, out.session, &tried_keys);
-        }
+        let pick = if soft_keys.is_empty() {
+            up.keys.select(out.model, out.session, &tried_keys)
+        } else {
+            let avoid = [&tried_keys[..], &soft_keys[..]].concat();
+            match up.keys.select(out.model, out.session, &avoid) {
+                Pick::Key(l) => Pick::Key(l),
+                _ => up.keys.select(out.model, out.session, &tried_keys),
+            }
+        };
         let lease = match pick {
             Pick::Key(l) => Some(l),
             Pick::NoKeys => None,

@@ -159,8 +159,8 @@ impl Sink for SqliteSink {
                 let meta = serde_json::to_string(&rec.metadata).map_err(|e| e.to_string())?;
                 let mut data = serde_json::to_string(rec).map_err(|e| e.to_string())?;
                 let mut id = rec.trace_id.clone();
-                let mut n = put
-                    .execute(params![
+                let mut insert = |id: &str, data: &str| {
+                    put.execute(params![
                         id,
                         CONTEXT_TYPE,
                         namespace,
@@ -169,7 +169,9 @@ impl Sink for SqliteSink {
                         rec.timestamp,
                         now
                     ])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| e.to_string())
+                };
+                let mut n = insert(&id, &data)?;
                 if n == 0 {
                     // Upstream response ids are not always unique (mocks, some servers): keep
                     // both calls by qualifying the id with the request id.
@@ -177,17 +179,7 @@ impl Sink for SqliteSink {
                     unique.trace_id = format!("{}:{}", rec.trace_id, rec.request_id);
                     id = unique.trace_id.clone();
                     data = serde_json::to_string(&unique).map_err(|e| e.to_string())?;
-                    n = put
-                        .execute(params![
-                            id,
-                            CONTEXT_TYPE,
-                            namespace,
-                            data,
-                            meta,
-                            rec.timestamp,
-                            now
-                        ])
-                        .map_err(|e| e.to_string())?;
+                    n = insert(&id, &data)?;
                 }
                 if n == 0 {
                     return Err(format!("trace id {id} already stored"));

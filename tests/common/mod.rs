@@ -79,3 +79,18 @@ pub fn assert_error_shape(v: &serde_json::Value, code: &str) {
     );
     assert_eq!(e["code"], code, "error code: {v}");
 }
+
+/// POSTs a JSON body through the proxy.
+pub async fn post(
+    proxy: &harness::Proxy,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    client()
+        .post(proxy.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request through the proxy")
+}
