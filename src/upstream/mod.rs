@@ -1,6 +1,7 @@
 //! Upstreams at run time: replicas behind pingora-load-balancing, credentials, DNS refresh.
 
 pub mod discovery;
+pub mod egress;
 pub mod dns;
 pub mod keys;
 pub mod replica;

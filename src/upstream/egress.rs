@@ -1,0 +1,1 @@
+//! Egress policy (being written).
