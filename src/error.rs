@@ -39,6 +39,29 @@ pub enum EdgeError {
     ClientClosed,
     /// A bug or an invariant that did not hold.
     Internal(String),
+    /// No valid client key (401).
+    Unauthorized(String),
+    /// The client key may not do this (403).
+    Forbidden(String),
+    /// The client key is over one of its limits (429).
+    ClientRateLimited {
+        /// Seconds until the request would be accepted.
+        retry_after: u64,
+        /// Which limit.
+        why: String,
+    },
+    /// The URI is longer than `limits.max_uri` (414).
+    UriTooLong { limit: usize },
+    /// Too many or too large request headers (431).
+    HeadersTooLarge(String),
+    /// The client sent the body too slowly (408).
+    RequestTimeout(String),
+    /// Too many requests in flight on this instance (503).
+    Overloaded,
+    /// The resolved upstream address is refused by the egress policy (502).
+    EgressRefused(String),
+    /// CORS preflight from an origin that is not allowed (403).
+    OriginNotAllowed,
 }
 
 #[derive(Serialize)]
@@ -69,6 +92,14 @@ impl EdgeError {
             Self::UpstreamTimeout(_) => 504,
             Self::ClientClosed => 499,
             Self::Internal(_) => 500,
+            Self::Unauthorized(_) => 401,
+            Self::Forbidden(_) | Self::OriginNotAllowed => 403,
+            Self::ClientRateLimited { .. } => 429,
+            Self::UriTooLong { .. } => 414,
+            Self::HeadersTooLarge(_) => 431,
+            Self::RequestTimeout(_) => 408,
+            Self::Overloaded => 503,
+            Self::EgressRefused(_) => 502,
         }
     }
 
@@ -82,13 +113,20 @@ impl EdgeError {
             | Self::UnknownPath(_)
             | Self::MethodNotAllowed(_)
             | Self::BodyTooLarge { .. }
-            | Self::ClientClosed => "invalid_request_error",
+            | Self::ClientClosed
+            | Self::UriTooLong { .. }
+            | Self::HeadersTooLarge(_)
+            | Self::RequestTimeout(_)
+            | Self::OriginNotAllowed => "invalid_request_error",
             Self::UpstreamUnreachable(_)
             | Self::UpstreamTimeout(_)
             | Self::UpstreamStreamBroken(_)
-            | Self::CredentialsExhausted(_) => "upstream_error",
-            Self::RateLimited { .. } => "rate_limit_error",
-            Self::Internal(_) => "server_error",
+            | Self::CredentialsExhausted(_)
+            | Self::EgressRefused(_) => "upstream_error",
+            Self::RateLimited { .. } | Self::ClientRateLimited { .. } => "rate_limit_error",
+            Self::Internal(_) | Self::Overloaded => "server_error",
+            Self::Unauthorized(_) => "authentication_error",
+            Self::Forbidden(_) => "permission_error",
         }
     }
 
@@ -109,6 +147,15 @@ impl EdgeError {
             Self::CredentialsExhausted(_) => "upstream_credentials_exhausted",
             Self::ClientClosed => "client_closed",
             Self::Internal(_) => "internal_error",
+            Self::Unauthorized(_) => "invalid_api_key",
+            Self::Forbidden(_) => "model_not_allowed",
+            Self::ClientRateLimited { .. } => "rate_limit_exceeded",
+            Self::UriTooLong { .. } => "uri_too_long",
+            Self::HeadersTooLarge(_) => "headers_too_large",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::Overloaded => "overloaded",
+            Self::EgressRefused(_) => "egress_refused",
+            Self::OriginNotAllowed => "origin_not_allowed",
         }
     }
 
@@ -135,13 +182,26 @@ impl EdgeError {
             }
             Self::ClientClosed => "client closed the connection".to_string(),
             Self::Internal(why) => format!("internal error: {why}"),
+            Self::Unauthorized(why) | Self::Forbidden(why) => why.clone(),
+            Self::ClientRateLimited { retry_after, why } => {
+                format!("{why}; retry after {retry_after} s")
+            }
+            Self::UriTooLong { limit } => format!("request URI exceeds the limit of {limit} bytes"),
+            Self::HeadersTooLarge(why) => why.clone(),
+            Self::RequestTimeout(why) => why.clone(),
+            Self::Overloaded => "too many requests in flight; try again shortly".to_string(),
+            Self::EgressRefused(why) => format!("upstream address refused: {why}"),
+            Self::OriginNotAllowed => "origin not allowed by the CORS policy".to_string(),
         }
     }
 
     /// Seconds for a `Retry-After` header, when the error has one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::RateLimited { retry_after, .. } | Self::ClientRateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            Self::Overloaded => Some(1),
             _ => None,
         }
     }

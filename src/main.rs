@@ -51,6 +51,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for w in &cfg.warnings {
+        eprintln!("llm-edge: [warn] {w}");
+    }
     if cli.test {
         println!(
             "llm-edge: configuration file {} test is successful",
@@ -58,14 +61,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    for addr in &cfg.listen {
-        tracing::info!("listening on {addr}");
+    for l in &cfg.listen {
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        tracing::info!("listening on {scheme}://{}", l.addr);
     }
+    tracing::info!("admin listener on http://{}", cfg.admin.listen);
     let server = match EdgeServer::new(
         cfg,
         RunOptions {
             upgrade: cli.upgrade,
             daemon: cli.daemon,
+            config_path: Some(cli.conf.clone()),
+            process_signals: true,
         },
     ) {
         Ok(s) => s,

@@ -1,19 +1,22 @@
-//! Builds the Pingora server: the proxy service, the DNS refresher, the optional demo upstream.
+//! Builds the Pingora server: the proxy service, the admin listener, the DNS refresher, health
+//! checks, signal handling, the shutdown drain, and the optional demo upstream.
 
+use crate::admin::AdminService;
 use crate::config::Config;
 use crate::demo::DemoUpstream;
 use crate::observe::ledger::Ledger;
 use crate::proxy::EdgeProxy;
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::runtime::Runtime;
+use crate::snapshot::SharedSnapshot;
 use crate::trace::Tracer;
-use crate::upstream::dns::Dns;
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Process-level switches from the command line.
 #[derive(Debug, Clone, Default)]
@@ -22,12 +25,18 @@ pub struct RunOptions {
     pub upgrade: bool,
     /// Detach into the background (`-d`).
     pub daemon: bool,
+    /// The config file, re-read on reload (SIGHUP, `POST /admin/reload`).
+    pub config_path: Option<PathBuf>,
+    /// Handle SIGHUP (reload) and SIGUSR1 (reopen the access log), and exit as soon as open
+    /// requests are done after SIGTERM. Only for a real process: tests run several servers in
+    /// one process.
+    pub process_signals: bool,
 }
 
 /// A built server, ready to run.
 pub struct EdgeServer {
     server: Server,
-    state: SharedSnapshot,
+    rt: Arc<Runtime>,
 }
 
 impl EdgeServer {
@@ -68,12 +77,15 @@ impl EdgeServer {
         tracer: Arc<Tracer>,
         ledger: Option<Arc<Ledger>>,
     ) -> Self {
+        let grace = cfg.server.grace_period;
         let conf = ServerConf {
             threads: cfg.server.threads,
             pid_file: cfg.server.pid_file.clone(),
             upgrade_sock: cfg.server.upgrade_sock.clone(),
-            grace_period_seconds: Some(cfg.server.grace_period.as_secs()),
-            graceful_shutdown_timeout_seconds: Some(5),
+            // Pingora sleeps this long after SIGTERM; the drain service below exits earlier
+            // when nothing is in flight.
+            grace_period_seconds: Some(grace.as_secs()),
+            graceful_shutdown_timeout_seconds: Some(1),
             daemon: opts.daemon,
             ..ServerConf::default()
         };
@@ -85,30 +97,58 @@ impl EdgeServer {
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
 
-        let dns = Arc::new(Dns::new());
+        for w in &cfg.warnings {
+            tracing::warn!("config: {w}");
+        }
         let listen = cfg.listen.clone();
+        let admin_addr = cfg.admin.listen;
         let demo = cfg.demo_upstream;
-        let state: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(cfg, &dns)));
+        let rt = Runtime::new(cfg, tracer.clone(), ledger.clone(), opts.config_path.clone());
 
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
-            EdgeProxy::new(state.clone(), tracer.clone(), ledger.clone()),
+            EdgeProxy::new(rt.clone()),
             "llm-edge proxy",
         );
-        for addr in &listen {
-            proxy.add_tcp(&addr.to_string());
+        for l in &listen {
+            crate::listeners::add(&mut proxy, l);
         }
         server.add_service(proxy);
+
+        let mut admin = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            AdminService::new(rt.clone()),
+            "llm-edge admin",
+        );
+        admin.add_tcp(&admin_addr.to_string());
+        server.add_service(admin);
+
         server.add_service(background_service(
             "upstream refresher",
             Refresher {
-                state: state.clone(),
+                state: rt.state.clone(),
             },
         ));
         server.add_service(background_service(
-            "trace flusher",
-            TraceFlusher { tracer, ledger },
+            "health checker",
+            crate::upstream::health::HealthChecker::new(rt.state.clone()),
         ));
+        server.add_service(background_service(
+            "trace flusher",
+            Drain {
+                rt: rt.clone(),
+                tracer,
+                ledger,
+                grace,
+                exit_when_drained: opts.process_signals,
+            },
+        ));
+        if opts.process_signals {
+            server.add_service(background_service(
+                "signals",
+                Signals { rt: rt.clone() },
+            ));
+        }
         if let Some(addr) = demo {
             let mut svc = pingora::proxy::http_proxy_service_with_name(
                 &server.configuration,
@@ -118,17 +158,56 @@ impl EdgeServer {
             svc.add_tcp(&addr.to_string());
             server.add_service(svc);
         }
-        Self { server, state }
+        Self { server, rt }
     }
 
     /// The shared config snapshot (for reloads and admin views).
     pub fn state(&self) -> SharedSnapshot {
-        self.state.clone()
+        self.rt.state.clone()
+    }
+
+    /// The process runtime (reloads, usage state).
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.rt.clone()
     }
 
     /// Runs until a shutdown signal (SIGTERM/SIGINT/SIGQUIT by default).
     pub fn run(self, args: RunArgs) {
         self.server.run(args)
+    }
+}
+
+/// SIGHUP: reload the config; SIGUSR1: reopen the access log.
+struct Signals {
+    rt: Arc<Runtime>,
+}
+
+#[async_trait]
+impl BackgroundService for Signals {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut hup), Ok(mut usr1)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+        ) else {
+            tracing::error!("cannot install the SIGHUP/SIGUSR1 handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    if let Err(why) = self.rt.reload().await {
+                        tracing::error!("reload refused; the running config is kept: {why}");
+                    }
+                }
+                _ = usr1.recv() => {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    self.rt.reopen_logs();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 
@@ -157,16 +236,32 @@ impl BackgroundService for Refresher {
     }
 }
 
-/// On shutdown, waits (bounded) until queued traces are written.
-struct TraceFlusher {
+/// On shutdown: waits for requests in flight (up to the grace period), then flushes the
+/// trace queue, the usage ledger and the access log; a real process then exits at once
+/// instead of sleeping out Pingora's whole grace period.
+struct Drain {
+    rt: Arc<Runtime>,
     tracer: Arc<Tracer>,
     ledger: Option<Arc<Ledger>>,
+    grace: Duration,
+    exit_when_drained: bool,
 }
 
 #[async_trait]
-impl BackgroundService for TraceFlusher {
+impl BackgroundService for Drain {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let _ = shutdown.changed().await;
+        let until = Instant::now() + self.grace;
+        loop {
+            let n = self.rt.in_flight.load(Ordering::Acquire);
+            if n == 0 || Instant::now() >= until {
+                if n > 0 {
+                    tracing::warn!("grace period over with {n} requests still open");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         if tokio::time::timeout(Duration::from_secs(10), self.tracer.flush())
             .await
             .is_err()
@@ -177,6 +272,11 @@ impl BackgroundService for TraceFlusher {
             if let Err(e) = l.flush() {
                 tracing::error!("saving the usage ledger at shutdown failed: {e}");
             }
+        }
+        self.rt.flush_logs();
+        if self.exit_when_drained {
+            tracing::info!("shutdown complete");
+            std::process::exit(0);
         }
     }
 }

@@ -2,7 +2,11 @@
 
 use crate::config::Config;
 use crate::route::table::RouteTable;
+use crate::security::auth::Authenticator;
+use crate::security::rate::{ClientUsage, KeyUsage};
+use crate::upstream::discovery::RefusalHook;
 use crate::upstream::dns::Dns;
+use crate::upstream::egress::EgressPolicy;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -21,6 +25,20 @@ pub struct Snapshot {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Pre-rendered `GET /v1/models` body.
     pub models_body: Bytes,
+    /// Client keys.
+    pub auth: Authenticator,
+    /// Usage state of each client key, by id (shared with earlier snapshots).
+    pub client_usage: HashMap<String, Arc<KeyUsage>>,
+}
+
+/// What a snapshot build needs from the process: state carried across reloads.
+pub struct BuildInputs<'a> {
+    /// Client key usage (rate limits), by id.
+    pub clients: &'a ClientUsage,
+    /// Called when the egress policy refuses a resolved address.
+    pub on_refusal: RefusalHook,
+    /// The snapshot being replaced (key states carry over).
+    pub previous: Option<&'a Snapshot>,
 }
 
 /// The shared, swappable current snapshot.
@@ -42,16 +60,37 @@ struct ModelEntry<'a> {
 
 impl Snapshot {
     /// Builds upstreams (replicas, peers, keys) and lookup tables from a validated config.
-    pub fn build(cfg: Config, dns: &Arc<Dns>) -> Self {
+    pub fn build(cfg: Config, inputs: BuildInputs<'_>) -> Self {
+        let dns = Arc::new(Dns::with_settings(cfg.dns.clone()));
+        let egress = Arc::new(EgressPolicy::new(
+            cfg.egress_allow.clone(),
+            cfg.listen.iter().map(|l| l.addr).collect(),
+        ));
         let upstreams = cfg
             .upstreams
             .values()
             .map(|u| {
-                (
-                    u.name.clone(),
-                    Arc::new(Upstream::new(u.clone(), dns.clone())),
-                )
+                let carried = inputs
+                    .previous
+                    .and_then(|p| p.upstreams.get(&u.name))
+                    .map(|old| old.keys.states())
+                    .unwrap_or_default();
+                let up = Upstream::new(
+                    u.clone(),
+                    dns.clone(),
+                    egress.clone(),
+                    inputs.on_refusal.clone(),
+                    &carried,
+                );
+                (u.name.clone(), Arc::new(up))
             })
+            .collect();
+        let auth = Authenticator::new(&cfg.auth);
+        let client_usage = cfg
+            .auth
+            .keys
+            .iter()
+            .map(|k| (k.id.clone(), inputs.clients.state(&k.id)))
             .collect();
         let routes = RouteTable::new(&cfg);
         let created = SystemTime::now()
@@ -77,6 +116,8 @@ impl Snapshot {
             routes,
             upstreams,
             models_body,
+            auth,
+            client_usage,
         }
     }
 }

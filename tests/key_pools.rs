@@ -213,7 +213,7 @@ impl Edge {
     async fn admin_keys(&self) -> (String, serde_json::Value) {
         let resp = self
             .http
-            .get(self.proxy.url("/admin/keys"))
+            .get(self.proxy.admin_url("/admin/keys"))
             .send()
             .await
             .expect("GET /admin/keys");
@@ -230,7 +230,7 @@ impl Edge {
             .http
             .post(
                 self.proxy
-                    .url(&format!("/admin/keys/{upstream}/{id}/reset")),
+                    .admin_url(&format!("/admin/keys/{upstream}/{id}/reset")),
             )
             .send()
             .await
@@ -903,7 +903,15 @@ async fn upstream_400_is_not_retried_and_passes_through_unchanged() {
 
     let resp = edge.chat("m").await;
     assert_eq!(resp.status(), 400);
-    assert_eq!(resp.headers().get("x-request-id").unwrap(), "req-400");
+    // The client gets llm-edge's request id; the provider's stays under another name.
+    assert_eq!(
+        resp.headers().get("x-upstream-request-id").unwrap(),
+        "req-400"
+    );
+    assert!(resp
+        .headers()
+        .get("x-request-id")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("req_")));
     assert_eq!(resp.headers().get("x-mock-key").unwrap(), "a");
     assert_eq!(
         resp.headers().get("content-type").unwrap(),
@@ -1024,7 +1032,7 @@ async fn no_secret_in_admin_output_or_logs() {
         "/admin",
         "/admin/traces",
     ] {
-        let resp = edge.http.get(edge.proxy.url(path)).send().await.unwrap();
+        let resp = edge.http.get(edge.proxy.admin_url(path)).send().await.unwrap();
         outputs.push((format!("GET {path}"), read_all(resp).await.0));
     }
     let (text, _) = edge.admin_keys().await;

@@ -61,7 +61,7 @@ fn sse(v: &Value) -> String {
 /// `POST /admin/traces/flush`; returns its JSON.
 async fn flush(proxy: &Proxy) -> Value {
     let resp = client()
-        .post(proxy.url("/admin/traces/flush"))
+        .post(proxy.admin_url("/admin/traces/flush"))
         .send()
         .await
         .expect("flush request");
@@ -90,7 +90,7 @@ async fn flush_expecting(proxy: &Proxy, expected: u64) -> Value {
 /// `GET /admin/traces<query>`; returns `data` after checking the list shape.
 async fn admin_list(proxy: &Proxy, query: &str) -> Vec<Value> {
     let resp = client()
-        .get(proxy.url(&format!("/admin/traces{query}")))
+        .get(proxy.admin_url(&format!("/admin/traces{query}")))
         .send()
         .await
         .expect("list request");
@@ -103,7 +103,7 @@ async fn admin_list(proxy: &Proxy, query: &str) -> Vec<Value> {
 /// `GET /admin/traces/{id}`.
 async fn admin_get(proxy: &Proxy, id: &str) -> Value {
     let resp = client()
-        .get(proxy.url(&format!("/admin/traces/{id}")))
+        .get(proxy.admin_url(&format!("/admin/traces/{id}")))
         .send()
         .await
         .expect("get request");
@@ -1010,13 +1010,13 @@ async fn admin_traces_filters_by_session_since_and_limit() {
     assert_eq!(content(&newer), ["call 2", "call 3"]);
     assert!(admin_list(&proxy, "?session_uid=nobody").await.is_empty());
     let resp = client()
-        .get(proxy.url("/admin/traces/no-such-trace"))
+        .get(proxy.admin_url("/admin/traces/no-such-trace"))
         .send()
         .await
         .unwrap();
     assert_error(resp, 404, "not_found").await;
     let resp = client()
-        .get(proxy.url("/admin/traces?since=yesterday"))
+        .get(proxy.admin_url("/admin/traces?since=yesterday"))
         .send()
         .await
         .unwrap();

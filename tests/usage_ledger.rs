@@ -321,15 +321,21 @@ fn upstream(r: &Recorded) -> Reply {
 /// An llm-edge listening at `base` (in-process or a child process) and one HTTP client.
 struct Edge {
     base: String,
+    admin: String,
     http: reqwest::Client,
 }
 
 impl Edge {
-    fn new(base: String) -> Self {
+    fn new((base, admin): (String, String)) -> Self {
         Self {
             base,
+            admin,
             http: client(),
         }
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
     }
 
     fn url(&self, path: &str) -> String {
@@ -373,7 +379,7 @@ impl Edge {
     async fn usage_raw(&self, query: &str) -> (u16, String, Value) {
         let resp = self
             .http
-            .get(self.url(&format!("/admin/usage?{query}")))
+            .get(self.admin_url(&format!("/admin/usage?{query}")))
             .send()
             .await
             .expect("GET /admin/usage");
@@ -507,7 +513,7 @@ fn assert_no_secret(what: &str, text: &str) {
 
 fn start_in_process(mock: &Mock, usage: &str) -> (Proxy, Edge) {
     let proxy = Proxy::start_with_env(&config(&mock.url(), usage), &key_env());
-    let edge = Edge::new(proxy.url(""));
+    let edge = Edge::new((proxy.url(""), proxy.admin_url("")));
     (proxy, edge)
 }
 
@@ -592,11 +598,11 @@ async fn admin_usage_is_400_without_a_usage_section() {
     let mock = Mock::start(upstream);
     let yaml = config(&mock.url(), "{}").replace("usage: {}\n", "");
     let proxy = Proxy::start_with_env(&yaml, &key_env());
-    let edge = Edge::new(proxy.url(""));
+    let edge = Edge::new((proxy.url(""), proxy.admin_url("")));
     edge.chat_ok("gpt").await;
     let resp = edge
         .http
-        .get(edge.url("/admin/usage"))
+        .get(edge.admin_url("/admin/usage"))
         .send()
         .await
         .unwrap();
@@ -1185,6 +1191,7 @@ fn ledger_by_model(v: &Value) -> std::collections::BTreeMap<String, (u64, u64, u
 struct EdgeProcess {
     child: Child,
     port: u16,
+    admin_port: u16,
 }
 
 impl EdgeProcess {
@@ -1193,9 +1200,10 @@ impl EdgeProcess {
     /// accepts connections.
     fn start(dir: &TempDir, run: usize, yaml: &str) -> Self {
         let port = free_port();
+        let admin_port = free_port();
         let conf = dir.join(&format!("llm-edge-{run}.yaml"));
         let text = format!(
-            "listen: [\"127.0.0.1:{port}\"]\nserver: {{threads: 2, grace_period: 0s, pid_file: {:?}, upgrade_sock: {:?}}}\n{yaml}",
+            "listen: [\"127.0.0.1:{port}\"]\nadmin: {{listen: \"127.0.0.1:{admin_port}\"}}\nauth: {{mode: open}}\nshutdown: {{grace_period: 0s}}\nserver: {{threads: 2, pid_file: {:?}, upgrade_sock: {:?}}}\n{yaml}",
             dir.join(&format!("pid-{run}")).display().to_string(),
             dir.join(&format!("upgrade-{run}.sock")).display().to_string(),
         );
@@ -1211,7 +1219,11 @@ impl EdgeProcess {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn llm-edge");
-        let mut me = Self { child, port };
+        let mut me = Self {
+            child,
+            port,
+            admin_port,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         while std::net::TcpStream::connect_timeout(&addr, ms(100)).is_err() {
@@ -1231,8 +1243,11 @@ impl EdgeProcess {
         me
     }
 
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+    fn base(&self) -> (String, String) {
+        (
+            format!("http://127.0.0.1:{}", self.port),
+            format!("http://127.0.0.1:{}", self.admin_port),
+        )
     }
 
     /// Waits up to `timeout` for the process to exit.

@@ -1,22 +1,117 @@
-//! Admin endpoints. Until the separate admin listener exists they are served on the main
-//! listener, to loopback clients only.
+//! The admin listener: `/health/live`, `/health/ready`, `/metrics`, `/admin/*`. It is a
+//! separate Pingora service on `admin.listen` (loopback by default); with `admin.key` set every
+//! path except the health checks needs `Authorization: Bearer <admin key>`.
 
+pub mod health;
 pub mod keys;
 pub mod traces;
 
 use crate::error::EdgeError;
 use crate::observe::ledger::Ledger;
 use crate::proxy::respond;
+use crate::runtime::Runtime;
 use crate::snapshot::Snapshot;
 use crate::trace::Tracer;
-use pingora::proxy::Session;
+use async_trait::async_trait;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
 
-/// Whether `path` is an admin path.
-pub fn is_admin_path(path: &str) -> bool {
-    path == "/admin" || path.starts_with("/admin/")
+/// The admin service (answers everything itself, never proxies).
+pub struct AdminService {
+    rt: Arc<Runtime>,
 }
 
-/// Answers an admin request.
+impl AdminService {
+    /// An admin service over the process runtime.
+    pub fn new(rt: Arc<Runtime>) -> Self {
+        Self { rt }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for AdminService {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+        let snap = self.rt.state.load_full();
+        let path = session.req_header().uri.path().to_string();
+        let method = session.req_header().method.clone();
+        let is_health = path.starts_with("/health/");
+        if !is_health && !authorized(session.req_header(), &snap) {
+            let e = EdgeError::Unauthorized("admin key required (Authorization: Bearer)".into());
+            respond::error(session, &e).await?;
+            return Ok(true);
+        }
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/health/live") => {
+                respond::json(session, 200, bytes::Bytes::from_static(b"{\"status\":\"ok\"}"))
+                    .await?
+            }
+            ("GET", "/health/ready") => {
+                let (ready, body) = health::ready(&snap);
+                respond::json(session, if ready { 200 } else { 503 }, body).await?
+            }
+            ("GET", "/metrics") => {
+                let body = crate::observe::scrape(&self.rt);
+                respond::text(session, 200, "text/plain; version=0.0.4", body).await?
+            }
+            ("POST", "/admin/reload") => match self.rt.reload().await {
+                Ok(report) => {
+                    let body = serde_json::json!({
+                        "status": "reloaded",
+                        "needs_restart": report.needs_restart,
+                    });
+                    respond::json(session, 200, bytes::Bytes::from(body.to_string())).await?
+                }
+                Err(why) => {
+                    tracing::error!("reload refused; the running config is kept: {why}");
+                    let e = EdgeError::BadRequest(format!("reload refused: {why}"));
+                    respond::error(session, &e).await?
+                }
+            },
+            _ => {
+                handle(
+                    session,
+                    &path,
+                    &self.rt.tracer,
+                    self.rt.ledger.as_deref(),
+                    &snap,
+                )
+                .await?
+            }
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Error::e_explain(ErrorType::InternalError, "the admin service never proxies")
+    }
+}
+
+fn authorized(req: &pingora::http::RequestHeader, snap: &Snapshot) -> bool {
+    let Some(key) = snap.cfg.admin.key.as_ref() else {
+        return true;
+    };
+    let presented = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .filter(|b| b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|b| b[7..].trim_ascii())
+        .unwrap_or(b"");
+    bool::from(presented.ct_eq(key.expose().as_bytes()))
+}
+
+/// Answers an `/admin/*` request.
 pub async fn handle(
     session: &mut Session,
     path: &str,
@@ -24,14 +119,6 @@ pub async fn handle(
     ledger: Option<&Ledger>,
     snap: &Snapshot,
 ) -> pingora::Result<()> {
-    let loopback = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .is_some_and(|a| a.ip().is_loopback());
-    if !loopback {
-        let e = EdgeError::UnknownPath(path.to_string());
-        return respond::error(session, &e).await;
-    }
     let method = session.req_header().method.clone();
     let query = session.req_header().uri.query().unwrap_or("").to_string();
     let result = match (method.as_str(), path) {

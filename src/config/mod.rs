@@ -4,6 +4,7 @@
 //! named), then [`validate`] turns it into [`Config`]: secrets resolved, URLs parsed, references
 //! checked. Nothing downstream re-checks config.
 
+pub mod edge;
 pub mod schema;
 pub mod secret;
 pub mod units;
@@ -28,8 +29,24 @@ pub const DEFAULT_MAX_BODY: usize = 32 << 20;
 /// The validated configuration the proxy runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Proxy listen addresses.
-    pub listen: Vec<SocketAddr>,
+    /// Proxy listeners.
+    pub listen: Vec<edge::Listener>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client authentication.
+    pub auth: edge::AuthSettings,
+    /// CORS policy (`None`: no CORS headers at all).
+    pub cors: Option<edge::CorsSettings>,
+    /// Ranges hostname endpoints may resolve to even when private.
+    pub egress_allow: Vec<ipnet::IpNet>,
+    /// Resolver settings.
+    pub dns: edge::DnsSettings,
+    /// Admin listener.
+    pub admin: edge::AdminSettings,
+    /// Access log (`None`: off).
+    pub access_log: Option<edge::AccessLogSettings>,
+    /// Things `-t` and start-up print as warnings (the config is still valid).
+    pub warnings: Vec<String>,
     /// Request limits.
     pub limits: Limits,
     /// Upstreams by name.
@@ -64,6 +81,18 @@ pub struct Limits {
     pub max_body: usize,
     /// Longest rLLM slug / session id in a path, in bytes.
     pub max_slug: usize,
+    /// Longest request URI, in bytes (414 above).
+    pub max_uri: usize,
+    /// Most request header fields (431 above).
+    pub max_headers: usize,
+    /// Largest request header block, in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Longest silence while reading a request body (408).
+    pub body_timeout: Duration,
+    /// Slowest average body rate accepted after `body_timeout`, bytes/s (0: off).
+    pub min_body_rate: u64,
+    /// Most requests in flight (503 above; 0: unlimited).
+    pub max_concurrent_requests: usize,
 }
 
 /// A validated upstream.
@@ -101,6 +130,45 @@ pub struct UpstreamConfig {
     pub sampling: Policy,
     /// Forward rLLM metadata in the body as `metadata.rllm_metadata`.
     pub forward_metadata: bool,
+    /// Hostname endpoints may resolve to non-public addresses.
+    pub allow_private: bool,
+    /// Active health checks.
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection.
+    pub passive: PassiveHealth,
+}
+
+/// Active health check of every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path requested with GET.
+    pub path: String,
+    /// Time between two checks.
+    pub interval: Duration,
+    /// Timeout of one check.
+    pub timeout: Duration,
+    /// Consecutive failures before a replica is out.
+    pub unhealthy_after: u32,
+    /// Consecutive successes before it is back.
+    pub healthy_after: u32,
+}
+
+/// Passive ejection from live traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    /// Consecutive connect failures / 5xx before ejection.
+    pub failures: u32,
+    /// How long an ejected replica is skipped.
+    pub eject_for: Duration,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        Self {
+            failures: 3,
+            eject_for: Duration::from_secs(10),
+        }
+    }
 }
 
 /// One replica base URL, parsed.
@@ -277,18 +345,21 @@ pub fn validate(
 ) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
 
-    let mut listen = Vec::new();
-    if raw.listen.is_empty() {
-        problems.push("listen: at least one address is required".to_string());
+    let listen = edge::listeners(&raw.listen, &mut problems);
+    let trusted_proxies = edge::cidrs("trusted_proxies", &raw.trusted_proxies, &mut problems);
+    let auth = edge::auth(raw.auth, env, &mut problems);
+    let cors = edge::cors(raw.cors, &mut problems);
+    let egress_allow = edge::cidrs("egress.allow_cidrs", &raw.egress.allow_cidrs, &mut problems);
+    let dns = edge::dns(raw.dns, &mut problems);
+    let admin = edge::admin(raw.admin, env, &mut problems);
+    if listen.iter().any(|l| l.addr == admin.listen) {
+        problems.push(format!(
+            "admin.listen: {} is also a proxy listener",
+            admin.listen
+        ));
     }
-    for (i, l) in raw.listen.iter().enumerate() {
-        match l.parse::<SocketAddr>() {
-            Ok(a) => listen.push(a),
-            Err(_) => problems.push(format!(
-                "listen[{i}]: {l:?} is not an IP:port address (e.g. 127.0.0.1:8080)"
-            )),
-        }
-    }
+    let access_log = edge::access_log(raw.access_log, &mut problems);
+    let mut warnings = Vec::new();
 
     let max_body = match raw.limits.max_body {
         Some(s) if s.0 == 0 => {
@@ -308,8 +379,45 @@ pub fn validate(
         None => crate::route::slug::DEFAULT_MAX_SLUG,
     };
 
+    let limits = Limits {
+        max_body,
+        max_slug,
+        max_uri: size_or(&raw.limits.max_uri, 8 << 10, "limits.max_uri", &mut problems),
+        max_headers: match raw.limits.max_headers {
+            Some(0) => {
+                problems.push("limits.max_headers: must be at least 1".to_string());
+                100
+            }
+            Some(n) => n,
+            None => 100,
+        },
+        max_header_bytes: size_or(
+            &raw.limits.max_header_bytes,
+            64 << 10,
+            "limits.max_header_bytes",
+            &mut problems,
+        ),
+        body_timeout: raw
+            .limits
+            .body_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_millis(10)),
+        min_body_rate: raw.limits.min_body_rate.map(|s| s.0).unwrap_or(256),
+        max_concurrent_requests: raw.limits.max_concurrent_requests.unwrap_or(0),
+    };
+
     let mut upstreams = BTreeMap::new();
     for (name, u) in raw.upstreams {
+        for e in &u.endpoints {
+            if let Some(why) = parse_endpoint(e)
+                .ok()
+                .and_then(|ep| ep.literal_ip)
+                .and_then(crate::upstream::egress::literal_warning)
+            {
+                warnings.push(format!("upstreams.{name}.endpoints: {e}: {why}"));
+            }
+        }
         if let Some(up) = validate_upstream(&name, u, env, &mut problems) {
             upstreams.insert(name, up);
         }
@@ -380,7 +488,7 @@ pub fn validate(
             .upgrade_sock
             .unwrap_or_else(|| "/tmp/llm-edge-upgrade.sock".to_string()),
         grace_period: raw
-            .server
+            .shutdown
             .grace_period
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(30)),
@@ -476,11 +584,24 @@ pub fn validate(
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
+    if auth.open {
+        warnings.push(
+            "auth: mode open: every client may call every model (no client keys)".to_string(),
+        );
+    }
     Ok(Config {
         tracing,
         usage,
         listen,
-        limits: Limits { max_body, max_slug },
+        trusted_proxies,
+        auth,
+        cors,
+        egress_allow,
+        dns,
+        admin,
+        access_log,
+        warnings,
+        limits,
         upstreams,
         models,
         routes,
@@ -572,6 +693,31 @@ fn validate_upstream(
         u.kind,
         problems,
     );
+    let health_check = u.health_check.map(|h| {
+        if !h.path.starts_with('/') {
+            problems.push(format!("{at}.health_check.path: must start with '/'"));
+        }
+        let interval = h.interval.map(|d| d.0).unwrap_or(Duration::from_secs(5));
+        if interval < Duration::from_millis(10) {
+            problems.push(format!("{at}.health_check.interval: at least 10ms"));
+        }
+        HealthCheck {
+            path: h.path,
+            interval,
+            timeout: h.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(2)),
+            unhealthy_after: h.unhealthy_after.unwrap_or(2).max(1),
+            healthy_after: h.healthy_after.unwrap_or(2).max(1),
+        }
+    });
+    let dp = PassiveHealth::default();
+    let passive = PassiveHealth {
+        failures: u.passive_health.failures.unwrap_or(dp.failures).max(1),
+        eject_for: u
+            .passive_health
+            .eject_for
+            .map(|d| d.0)
+            .unwrap_or(dp.eject_for),
+    };
     let max_attempts = u.retries.max_attempts.unwrap_or(3);
     if max_attempts == 0 {
         problems.push(format!("{at}.retries.max_attempts: must be at least 1"));
@@ -618,7 +764,21 @@ fn validate_upstream(
             .max(Duration::from_secs(1)),
         sampling,
         forward_metadata: u.forward_metadata == Some(ForwardMetadata::Body),
+        allow_private: u.allow_private,
+        health_check,
+        passive,
     })
+}
+
+fn size_or(v: &Option<units::HumanSize>, default: usize, at: &str, problems: &mut Vec<String>) -> usize {
+    match v {
+        Some(s) if s.0 == 0 => {
+            problems.push(format!("{at}: must be greater than 0"));
+            default
+        }
+        Some(s) => usize::try_from(s.0).unwrap_or(usize::MAX),
+        None => default,
+    }
 }
 
 /// Checks field names and that the upstream kind accepts what is injected.
@@ -730,12 +890,25 @@ pub fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
 mod tests {
     use super::*;
 
+    /// Test configs without an `auth:` section run in open mode.
+    fn open_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        if text.contains("\nauth:") {
+            from_yaml_str(text, env)
+        } else {
+            from_yaml_str(&format!("auth: {{mode: open}}\n{text}"), env)
+        }
+    }
+
     fn env(name: &str) -> Option<String> {
         (name == "VLLM_KEY").then(|| "vllm-secret-token-0001".to_string())
     }
 
     const ISSUE_FORM: &str = r#"
 listen: ["127.0.0.1:8080"]
+auth: {mode: open}
 upstreams:
   local-vllm:
     kind: vllm
@@ -753,8 +926,8 @@ routes:
 
     #[test]
     fn issue_form_loads() {
-        let c = from_yaml_str(ISSUE_FORM, &env).unwrap();
-        assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        let c = open_yaml(ISSUE_FORM, &env).unwrap();
+        assert_eq!(c.listen[0].addr, "127.0.0.1:8080".parse().unwrap());
         let u = &c.upstreams["local-vllm"];
         assert_eq!(u.kind, UpstreamKind::Vllm);
         assert_eq!(u.endpoints[0].port, 8000);
@@ -771,14 +944,14 @@ routes:
     #[test]
     fn unknown_key_is_named_with_its_path() {
         let text = ISSUE_FORM.replace("strip_prefix: true", "strip_prefix: true\n    colour: red");
-        let e = from_yaml_str(&text, &env).unwrap_err().to_string();
+        let e = open_yaml(&text, &env).unwrap_err().to_string();
         assert!(e.contains("routes[0]"), "{e}");
         assert!(e.contains("colour"), "{e}");
     }
 
     #[test]
     fn missing_env_var_is_named() {
-        let e = from_yaml_str(ISSUE_FORM, &|_| None)
+        let e = open_yaml(ISSUE_FORM, &|_| None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("upstreams.local-vllm.keys[0]"), "{e}");
@@ -795,7 +968,7 @@ models:
 routes:
   - {prefix: raw, upstream: nope}
 "#;
-        let e = from_yaml_str(text, &env).unwrap_err();
+        let e = open_yaml(text, &env).unwrap_err();
         let all = e.to_string();
         assert!(all.contains("upstreams.a.endpoints[0]"), "{all}");
         assert!(all.contains("models[0].upstream"), "{all}");
@@ -817,14 +990,14 @@ models:
       override: {"stream_options.include_usage": true}
       drop: [temperature]
 "#;
-        let c = from_yaml_str(text, &env).unwrap();
+        let c = open_yaml(text, &env).unwrap();
         let rules = &c.models[0].sampling.rules;
         assert_eq!(rules.len(), 4, "{rules:?}");
         assert!(rules
             .iter()
             .any(|(f, a)| f.top == "temperature" && *a == Action::Drop));
         let bad = text.replace("upstream: v", "upstream: o");
-        let e = from_yaml_str(&bad, &env).unwrap_err().to_string();
+        let e = open_yaml(&bad, &env).unwrap_err().to_string();
         assert!(
             e.contains("models[0].sampling.set_if_absent.return_token_ids"),
             "{e}"
@@ -833,7 +1006,7 @@ models:
 upstreams:
   a: {kind: anthropic, endpoints: ["https://127.0.0.1:1"], sampling: {set_if_absent: {logprobs: true}}}
 "#;
-        let e = from_yaml_str(anth, &env).unwrap_err().to_string();
+        let e = open_yaml(anth, &env).unwrap_err().to_string();
         assert!(
             e.contains("upstreams.a.sampling.set_if_absent.logprobs"),
             "{e}"

@@ -8,9 +8,33 @@ use std::collections::BTreeMap;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Addresses the proxy listens on.
+    /// Addresses the proxy listens on (plain or TLS).
     #[serde(default = "default_listen")]
-    pub listen: Vec<String>,
+    pub listen: Vec<RawListen>,
+    /// Peers whose forwarding headers (X-Forwarded-For, X-Real-IP, Forwarded) are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Client authentication.
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+    /// Cross-origin requests from browsers.
+    #[serde(default)]
+    pub cors: Option<RawCors>,
+    /// Where hostname endpoints may connect.
+    #[serde(default)]
+    pub egress: RawEgress,
+    /// Resolver settings for hostname endpoints.
+    #[serde(default)]
+    pub dns: RawDns,
+    /// Admin listener (/metrics, /health/*, /admin/*).
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Access log.
+    #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub shutdown: RawShutdown,
     /// Request limits.
     #[serde(default)]
     pub limits: RawLimits,
@@ -70,8 +94,194 @@ pub struct RawTracing {
     pub collector: Option<String>,
 }
 
-fn default_listen() -> Vec<String> {
-    vec!["127.0.0.1:8080".to_string()]
+fn default_listen() -> Vec<RawListen> {
+    vec![RawListen::Addr("127.0.0.1:8080".to_string())]
+}
+
+/// One `listen:` entry: `"IP:PORT"` or `{addr, tls: {cert, key}}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawListen {
+    /// Plain HTTP/1.1.
+    Addr(String),
+    /// An address with options.
+    Full(RawListenFull),
+}
+
+/// A listener written as an object.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenFull {
+    /// `IP:PORT`.
+    pub addr: String,
+    /// TLS termination (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: Option<RawListenTls>,
+}
+
+/// `tls:` of a listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenTls {
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+}
+
+/// `auth:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// `keys` (default when keys are listed) or `open` (no client authentication).
+    pub mode: Option<AuthMode>,
+    /// Client keys.
+    #[serde(default)]
+    pub keys: Vec<RawClientKey>,
+}
+
+/// `auth.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every API request needs a listed key.
+    Keys,
+    /// Anyone may call (a warning is logged at start).
+    Open,
+}
+
+/// One client key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientKey {
+    /// Name shown in logs, metrics, traces and the ledger.
+    pub id: String,
+    /// The key (usually `os.environ/NAME`).
+    pub key: Option<String>,
+    /// Hex SHA-256 of the key, so the file holds no secret.
+    pub key_sha256: Option<String>,
+    /// Models this key may use (default: all).
+    pub models: Option<Vec<String>>,
+    /// Limits for this key.
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+/// `rate_limit:` of a client key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens (prompt + completion) per minute, from observed usage.
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrent: Option<u32>,
+}
+
+/// `cors:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// Exact origins allowed (`*` allowed only without credentials).
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    /// Methods allowed in preflights.
+    pub allow_methods: Option<Vec<String>>,
+    /// Request headers allowed in preflights.
+    pub allow_headers: Option<Vec<String>>,
+    /// Response headers exposed to scripts.
+    pub expose_headers: Option<Vec<String>>,
+    /// Send `Access-Control-Allow-Credentials: true`.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight.
+    pub max_age: Option<HumanDuration>,
+}
+
+/// `egress:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    /// Ranges hostname endpoints may resolve to even when private.
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+}
+
+/// `dns:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// Nameservers (`IP` or `IP:PORT`); default: the system resolver configuration.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// Per-query timeout.
+    pub timeout: Option<HumanDuration>,
+}
+
+/// `admin:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Admin listener address (default 127.0.0.1:9090).
+    pub listen: Option<String>,
+    /// Bearer key required on the admin listener (mandatory when it is not loopback).
+    pub key: Option<String>,
+}
+
+/// `access_log:` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    /// `stderr`, `off`, or a file path.
+    pub path: String,
+    /// `combined` (nginx) or `json`.
+    pub format: Option<AccessLogFormat>,
+    /// Lines queued for the writer before new ones are dropped.
+    pub queue: Option<usize>,
+}
+
+/// `access_log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// nginx's `combined` format.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `shutdown:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    /// How long open requests and streams may finish after SIGTERM.
+    pub grace_period: Option<HumanDuration>,
+}
+
+/// `health_check:` of an upstream (active checks of every replica).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// Path requested with GET (e.g. `/health` or `/v1/models`).
+    pub path: String,
+    /// Time between two checks of a replica.
+    pub interval: Option<HumanDuration>,
+    /// Timeout of one check.
+    pub timeout: Option<HumanDuration>,
+    /// Consecutive failures before a replica is taken out.
+    pub unhealthy_after: Option<u32>,
+    /// Consecutive successes before it is put back.
+    pub healthy_after: Option<u32>,
+}
+
+/// `passive_health:` of an upstream (ejection from live traffic).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassiveHealth {
+    /// Consecutive connect failures or 5xx answers before a replica is ejected.
+    pub failures: Option<u32>,
+    /// How long an ejected replica is skipped.
+    pub eject_for: Option<HumanDuration>,
 }
 
 /// `limits:` section.
@@ -82,6 +292,18 @@ pub struct RawLimits {
     pub max_body: Option<HumanSize>,
     /// Longest rLLM metadata slug / session id accepted in a path.
     pub max_slug: Option<HumanSize>,
+    /// Longest request URI (path and query).
+    pub max_uri: Option<HumanSize>,
+    /// Most request header fields.
+    pub max_headers: Option<usize>,
+    /// Largest request header block (names and values).
+    pub max_header_bytes: Option<HumanSize>,
+    /// Longest silence while reading a request body.
+    pub body_timeout: Option<HumanDuration>,
+    /// Slowest average request-body rate accepted once `body_timeout` has passed.
+    pub min_body_rate: Option<HumanSize>,
+    /// Most requests in flight at once across all clients.
+    pub max_concurrent_requests: Option<usize>,
 }
 
 /// Upstream kind: decides credentials and accepted fields.
@@ -140,6 +362,14 @@ pub struct RawUpstream {
     pub sampling: Option<RawSampling>,
     /// Whether rLLM path metadata is forwarded in the body (`body`) or not (`none`, default).
     pub forward_metadata: Option<ForwardMetadata>,
+    /// Hostname endpoints may resolve to private, loopback or link-local addresses.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// Active health checks.
+    pub health_check: Option<RawHealthCheck>,
+    /// Passive ejection of failing replicas.
+    #[serde(default)]
+    pub passive_health: RawPassiveHealth,
 }
 
 /// `forward_metadata:` of an upstream.
@@ -284,8 +514,6 @@ pub struct RawServer {
     pub pid_file: Option<String>,
     /// Socket used to hand listeners to a new process on upgrade.
     pub upgrade_sock: Option<String>,
-    /// Grace period for open requests on shutdown.
-    pub grace_period: Option<HumanDuration>,
 }
 
 /// `demo_upstream:` section.

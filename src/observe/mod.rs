@@ -5,3 +5,8 @@ pub mod ledger;
 pub mod metrics;
 pub mod sse;
 pub mod usage;
+
+/// The `/metrics` body (being wired).
+pub fn scrape(_rt: &crate::runtime::Runtime) -> bytes::Bytes {
+    bytes::Bytes::new()
+}

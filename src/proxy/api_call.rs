@@ -2,7 +2,8 @@
 
 use super::ctx::RequestCtx;
 use super::forward::{self, Observer, Outbound};
-use crate::config::{ModelConfig, UpstreamConfig};
+use crate::config::{Limits, ModelConfig, UpstreamConfig};
+use crate::runtime::Runtime;
 use crate::error::EdgeError;
 use crate::observe::ledger::{CallUsage, Ledger};
 use crate::route::api::ApiEndpoint;
@@ -21,7 +22,8 @@ use std::borrow::Cow;
 
 /// Reads the whole request body, refusing more than `limit` bytes. A declared
 /// `Content-Length` over the limit is refused before reading anything.
-pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, EdgeError> {
+pub async fn read_body(session: &mut Session, limits: &Limits) -> Result<Bytes, EdgeError> {
+    let limit = limits.max_body;
     let declared = session
         .req_header()
         .headers
@@ -32,6 +34,10 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Edg
         return Err(EdgeError::BodyTooLarge { limit });
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    // Each read waits at most body_timeout; past that much time in all, the average rate must
+    // stay above min_body_rate (slowloris trickling one byte per timeout is refused).
+    session.set_read_timeout(Some(limits.body_timeout));
+    let started = std::time::Instant::now();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
@@ -39,13 +45,24 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Edg
                     return Err(EdgeError::BodyTooLarge { limit });
                 }
                 buf.extend_from_slice(&chunk);
+                let elapsed = started.elapsed();
+                if limits.min_body_rate > 0
+                    && elapsed > limits.body_timeout
+                    && (buf.len() as f64) < limits.min_body_rate as f64 * elapsed.as_secs_f64()
+                {
+                    return Err(EdgeError::RequestTimeout(format!(
+                        "request body arrives slower than {} bytes/s",
+                        limits.min_body_rate
+                    )));
+                }
             }
             Ok(None) => return Ok(buf.freeze()),
             Err(e) => {
                 return Err(match e.etype() {
-                    pingora::ErrorType::ReadTimedout => {
-                        EdgeError::BadRequest("timed out reading the request body".into())
-                    }
+                    pingora::ErrorType::ReadTimedout => EdgeError::RequestTimeout(format!(
+                        "no request body data for {:?}",
+                        limits.body_timeout
+                    )),
                     _ => EdgeError::ClientClosed,
                 })
             }
@@ -152,22 +169,25 @@ pub fn model_of(top: &TopLevel<'_>) -> Result<String, EdgeError> {
 pub async fn handle(
     session: &mut Session,
     connector: &Connector,
-    tracer: &Tracer,
-    ledger: Option<&Ledger>,
+    rt: &Runtime,
     snap: &Snapshot,
     api: ApiEndpoint,
     path_and_query: &str,
     meta: &PathMeta,
     ctx: &mut RequestCtx,
 ) -> Result<(), EdgeError> {
+    let tracer: &Tracer = &rt.tracer;
+    let ledger: Option<&Ledger> = rt.ledger.as_deref();
     ctx.api = Some(api);
-    let body = read_body(session, snap.cfg.limits.max_body).await?;
+    let body = read_body(session, &snap.cfg.limits).await?;
     let traced = tracer.wants(meta.has_metadata());
+    // Usage is observed when the ledger or a tokens-per-minute limit needs it.
+    let tpm = ctx.client.as_ref().is_some_and(|c| c.limit.tpm.is_some());
     // Held until the record is queued, so a flush waits for this call.
     let _ticket = traced.then(|| tracer.begin());
     let timestamp = unix_now();
-    let mut obs = (traced || ledger.is_some())
-        .then(|| Observer::new(flavor_of(api), ctx.started, traced, ledger.is_some()));
+    let mut obs = (traced || ledger.is_some() || tpm)
+        .then(|| Observer::new(flavor_of(api), ctx.started, traced, ledger.is_some() || tpm));
     let result = route_and_forward(
         session,
         connector,
@@ -212,6 +232,14 @@ pub async fn handle(
         });
         tracer.submit(rec);
     }
+    let tokens = if ctx.attempts > 0 {
+        obs.as_mut().and_then(|o| o.tokens())
+    } else {
+        None
+    };
+    if let (Some(c), Some(t)) = (ctx.client.as_ref(), tokens.as_ref()) {
+        crate::security::rate::charge_tokens(&c.usage, &c.limit, t.total);
+    }
     // Only calls that reached an upstream are charged to it.
     if let (Some(l), Some(upstream), true) = (ledger, ctx.upstream.clone(), ctx.attempts > 0) {
         let failure = match &result {
@@ -224,13 +252,13 @@ pub async fn handle(
             Err(e) => Some(e.code().to_string()),
         };
         l.record(CallUsage {
-            client: "anonymous".into(),
+            client: ctx.client_id().to_string(),
             upstream,
             key_id: ctx.key_id.clone(),
             model: ctx.model.clone().unwrap_or_default(),
             stream: ctx.stream,
             failure,
-            tokens: obs.as_mut().and_then(|o| o.tokens()),
+            tokens,
         });
     }
     result
@@ -261,6 +289,7 @@ async fn route_and_forward(
         ctx.model = Some(model.clone());
         return Err(EdgeError::UnknownModel(model));
     };
+    crate::security::auth::check_model_of(ctx.client.as_ref().and_then(|c| c.models.as_deref()), &model)?;
     ctx.model = Some(model);
     let Some(upstream) = snap.upstreams.get(&m.upstream) else {
         return Err(EdgeError::Internal(format!(
@@ -325,7 +354,7 @@ mod tests {
 
     fn setup(yaml_model: &str) -> (ModelConfig, UpstreamConfig) {
         let text = format!(
-            "upstreams: {{v: {{kind: vllm, endpoints: ['http://127.0.0.1:1'], forward_metadata: body}}}}\nmodels:\n  - {yaml_model}\n"
+            "auth: {{mode: open}}\nupstreams: {{v: {{kind: vllm, endpoints: ['http://127.0.0.1:1'], forward_metadata: body}}}}\nmodels:\n  - {yaml_model}\n"
         );
         let c = crate::config::from_yaml_str(&text, &|_| None).unwrap();
         (c.models[0].clone(), c.upstreams["v"].clone())

@@ -19,6 +19,18 @@ pub struct PassThrough {
     pub replica: Option<Arc<crate::upstream::replica::Replica>>,
 }
 
+/// The authenticated client key of a request.
+pub struct ClientRef {
+    /// Key id (logs, metrics, ledger).
+    pub id: String,
+    /// Models allowed (`None`: all).
+    pub models: Option<Vec<String>>,
+    /// Limits.
+    pub limit: crate::config::edge::RateLimit,
+    /// Usage state (rate limits).
+    pub usage: Arc<crate::security::rate::KeyUsage>,
+}
+
 /// State of one request.
 pub struct RequestCtx {
     /// When the request started.
@@ -53,9 +65,30 @@ pub struct RequestCtx {
     pub status: u16,
     /// The request asked for a stream (`"stream": true`).
     pub stream: bool,
+    /// The authenticated client key (`None` in open mode or before auth).
+    pub client: Option<ClientRef>,
+    /// The client's address (forwarding headers of trusted proxies applied).
+    pub client_addr: Option<std::net::IpAddr>,
+    /// Headers added to whatever response the client gets (request id, CORS, rate limits).
+    pub response_headers: Vec<(&'static str, String)>,
+    /// Headers set on the upstream request (request id, forwarding headers).
+    pub upstream_headers: Vec<(&'static str, String)>,
+    /// Held while the request runs: instance-wide and per-key in-flight slots.
+    pub slots: (
+        Option<crate::runtime::InFlightGuard>,
+        Option<crate::security::rate::InFlight>,
+    ),
 }
 
 impl RequestCtx {
+    /// Client key id for logs, metrics and the ledger ("anonymous" in open mode).
+    pub fn client_id(&self) -> &str {
+        self.client
+            .as_ref()
+            .map(|c| c.id.as_str())
+            .unwrap_or("anonymous")
+    }
+
     /// A fresh context.
     pub fn new() -> Self {
         Self {
@@ -75,6 +108,11 @@ impl RequestCtx {
             injected: Vec::new(),
             status: 0,
             stream: false,
+            client: None,
+            client_addr: None,
+            response_headers: Vec::new(),
+            upstream_headers: Vec::new(),
+            slots: (None, None),
         }
     }
 }

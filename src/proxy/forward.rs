@@ -182,6 +182,7 @@ pub async fn forward(
             &replica.endpoint,
             key,
             out.body.len(),
+            &ctx.upstream_headers,
         )
         .map_err(|e| EdgeError::Internal(format!("building the upstream request: {e}")))?;
 
@@ -343,7 +344,7 @@ async fn pass_through(
     h: Held,
 ) -> Result<(), EdgeError> {
     ctx.status = h.header.status.as_u16();
-    let mut down = headers::downstream_response(&h.header)
+    let mut down = headers::downstream_response(&h.header, &ctx.response_headers)
         .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
     down.remove_header(&http::header::TRANSFER_ENCODING);
     down.insert_header(http::header::CONTENT_LENGTH, h.body.len().to_string())
@@ -386,7 +387,7 @@ async fn relay(
         ));
     };
     let status = resp.status.as_u16();
-    let mut down = headers::downstream_response(resp)
+    let mut down = headers::downstream_response(resp, &ctx.response_headers)
         .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
     let is_sse = is_event_stream(resp);
     let transform = match (&out.strip, (200..300).contains(&status)) {

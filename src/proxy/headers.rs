@@ -2,6 +2,7 @@
 //! never forwarded, upstream credentials added the way the upstream kind expects.
 
 use crate::config::Endpoint;
+use crate::security::client_addr::FORWARDING_HEADERS;
 use crate::upstream::keys::PooledKey;
 use http::header::{self, HeaderName};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -56,6 +57,7 @@ pub fn upstream_api_request(
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
     body_len: usize,
+    ours: &[(&'static str, String)],
 ) -> pingora::Result<RequestHeader> {
     let path = format!("{}{}", endpoint.base_path, path_and_query);
     let mut req = RequestHeader::build(
@@ -69,11 +71,15 @@ pub fn upstream_api_request(
         if is_hop_by_hop(name)
             || NOT_FORWARDED_ON_API_CALLS.contains(&n)
             || CLIENT_CREDENTIALS.contains(&n)
+            || FORWARDING_HEADERS.contains(&n)
             || nominated.contains(name)
         {
             continue;
         }
         req.append_header(name.clone(), value.clone())?;
+    }
+    for (k, v) in ours {
+        req.insert_header(*k, v.as_str())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
@@ -90,6 +96,7 @@ pub fn rewrite_passthrough_request(
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
+    ours: &[(&'static str, String)],
 ) -> pingora::Result<()> {
     let path = format!("{}{}", endpoint.base_path, path_and_query);
     let uri: http::Uri = path.parse().map_err(|e| {
@@ -100,8 +107,11 @@ pub fn rewrite_passthrough_request(
         )
     })?;
     req.set_uri(uri);
-    for c in CLIENT_CREDENTIALS {
-        req.remove_header(c);
+    for c in CLIENT_CREDENTIALS.iter().chain(FORWARDING_HEADERS.iter()) {
+        req.remove_header(*c);
+    }
+    for (k, v) in ours {
+        req.insert_header(*k, v.as_str())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     if let Some(k) = key {
@@ -112,8 +122,11 @@ pub fn rewrite_passthrough_request(
 
 /// The response header sent downstream for an upstream response: same status and end-to-end
 /// headers; `Content-Length` kept so the framing stays the upstream's.
-pub fn downstream_response(upstream: &ResponseHeader) -> pingora::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len()))?;
+pub fn downstream_response(
+    upstream: &ResponseHeader,
+    ours: &[(&'static str, String)],
+) -> pingora::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + ours.len()))?;
     let nominated = connection_nominated(&upstream.headers);
     let chunked = upstream.headers.get(header::TRANSFER_ENCODING).is_some();
     for (name, value) in upstream.headers.iter() {
@@ -125,6 +138,16 @@ pub fn downstream_response(upstream: &ResponseHeader) -> pingora::Result<Respons
             continue;
         }
         resp.append_header(name.clone(), value.clone())?;
+    }
+    for (k, v) in ours {
+        if *k == "x-request-id" {
+            // The client gets its own id back; the provider's id (which its support asks
+            // for) stays available under another name.
+            if let Some(theirs) = resp.remove_header("x-request-id") {
+                resp.insert_header("x-upstream-request-id", theirs)?;
+            }
+        }
+        resp.insert_header(*k, v.as_str())?;
     }
     // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
     // it by closing the connection, making a broken stream look complete).
@@ -155,7 +178,8 @@ mod tests {
             client.append_header(k, v).unwrap();
         }
         let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
-        let req = upstream_api_request(&client, "/v1/chat/completions?x=1", &ep, None, 42).unwrap();
+        let req =
+            upstream_api_request(&client, "/v1/chat/completions?x=1", &ep, None, 42, &[]).unwrap();
         assert_eq!(req.uri.to_string(), "/base/v1/chat/completions?x=1");
         assert!(req.headers.get("authorization").is_none());
         assert!(req.headers.get("x-api-key").is_none());
@@ -173,7 +197,7 @@ mod tests {
         up.append_header("content-length", "10").unwrap();
         up.append_header("connection", "close").unwrap();
         up.append_header("x-request-id", "abc").unwrap();
-        let d = downstream_response(&up).unwrap();
+        let d = downstream_response(&up, &[]).unwrap();
         assert_eq!(d.headers["content-length"], "10");
         assert!(d.headers.get("connection").is_none());
         assert_eq!(d.headers["x-request-id"], "abc");

@@ -4,20 +4,20 @@
 pub mod api_call;
 pub mod ctx;
 pub mod forward;
+pub mod gate;
 pub mod headers;
 pub mod passthrough;
 pub mod respond;
 
 use crate::error::EdgeError;
-use crate::observe::ledger::Ledger;
 use crate::route::api::{self, ApiPath};
 use crate::route::slug;
-use crate::snapshot::SharedSnapshot;
-use crate::trace::Tracer;
+use crate::runtime::Runtime;
+use crate::security::cors;
 use async_trait::async_trait;
 use ctx::RequestCtx;
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
@@ -25,20 +25,16 @@ use std::sync::Arc;
 
 /// The proxy service.
 pub struct EdgeProxy {
-    state: SharedSnapshot,
+    rt: Arc<Runtime>,
     connector: Arc<Connector>,
-    tracer: Arc<Tracer>,
-    ledger: Option<Arc<Ledger>>,
 }
 
 impl EdgeProxy {
-    /// A proxy over the shared config snapshot, with its own pooled connector for API calls.
-    pub fn new(state: SharedSnapshot, tracer: Arc<Tracer>, ledger: Option<Arc<Ledger>>) -> Self {
+    /// A proxy over the process runtime, with its own pooled connector for API calls.
+    pub fn new(rt: Arc<Runtime>) -> Self {
         Self {
-            state,
+            rt,
             connector: Arc::new(Connector::new(None)),
-            tracer,
-            ledger,
         }
     }
 }
@@ -46,6 +42,21 @@ impl EdgeProxy {
 /// A pingora error that carries our error code for `fail_to_proxy` / logging.
 fn edge_to_pingora(e: &EdgeError) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(e.status()), e.message())
+}
+
+/// Answers `e` as the request's response (with the request's extra headers).
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, e: &EdgeError) -> pingora::Result<bool> {
+    ctx.error_code = Some(e.code());
+    ctx.status = e.status();
+    if matches!(
+        e,
+        EdgeError::BodyTooLarge { .. } | EdgeError::RequestTimeout(_) | EdgeError::Overloaded
+    ) {
+        // The rest of the request is unread (or we are shedding load): close the connection.
+        session.set_keepalive(None);
+    }
+    respond::error_with(session, e, &ctx.response_headers).await?;
+    Ok(true)
 }
 
 #[async_trait]
@@ -61,22 +72,50 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
-        let snap = self.state.load_full();
+        let snap = self.rt.state.load_full();
         ctx.snapshot = Some(snap.clone());
+        ctx.request_id = gate::request_id(session.req_header());
+        ctx.response_headers
+            .push(("x-request-id", ctx.request_id.clone()));
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let tls = session
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
+        gate::client_address(&snap, session.req_header(), peer, tls, ctx);
+        match self.rt.admit_request(snap.cfg.limits.max_concurrent_requests) {
+            Some(g) => ctx.slots.0 = Some(g),
+            None => return answer(session, ctx, &EdgeError::Overloaded).await,
+        }
+        if let Err(e) = gate::check_limits(session.req_header(), &snap.cfg.limits) {
+            return answer(session, ctx, &e).await;
+        }
+        if let Some(c) = snap.cfg.cors.as_ref() {
+            let req = session.req_header();
+            if cors::is_preflight(&req.method, &req.headers) {
+                return match cors::preflight(c, &req.headers) {
+                    Ok(headers) => {
+                        ctx.status = 204;
+                        ctx.response_headers.extend(headers);
+                        respond::empty(session, 204, &ctx.response_headers).await?;
+                        Ok(true)
+                    }
+                    Err(e) => answer(session, ctx, &e).await,
+                };
+            }
+            let extra = cors::response_headers(c, &req.headers);
+            ctx.response_headers.extend(extra);
+        }
         let meta = match slug::extract(session.req_header().uri.path(), snap.cfg.limits.max_slug) {
             Ok(m) => m,
-            Err(e) => {
-                ctx.error_code = Some(e.code());
-                respond::error(session, &e).await?;
-                return Ok(true);
-            }
+            Err(e) => return answer(session, ctx, &e).await,
         };
-        let path = meta.path.clone();
-        if crate::admin::is_admin_path(&path) {
-            crate::admin::handle(session, &path, &self.tracer, self.ledger.as_deref(), &snap)
-                .await?;
-            return Ok(true);
+        if let Err(e) = gate::admit_client(&snap, session.req_header(), ctx) {
+            return answer(session, ctx, &e).await;
         }
+        let path = meta.path.clone();
         let path_and_query = match session.req_header().uri.query() {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
@@ -89,8 +128,7 @@ impl ProxyHttp for EdgeProxy {
                 let r = Box::pin(api_call::handle(
                     session,
                     &self.connector,
-                    &self.tracer,
-                    self.ledger.as_deref(),
+                    &self.rt,
                     &snap,
                     endpoint,
                     &path_and_query,
@@ -102,7 +140,9 @@ impl ProxyHttp for EdgeProxy {
                 r
             }
             ApiPath::ListModels if method == http::Method::GET => {
-                respond::json(session, 200, snap.models_body.clone()).await?;
+                ctx.status = 200;
+                respond::json_with(session, 200, snap.models_body.clone(), &ctx.response_headers)
+                    .await?;
                 return Ok(true);
             }
             ApiPath::Call(_) | ApiPath::ListModels if snap.routes.route(&path).is_none() => {
@@ -142,12 +182,7 @@ impl ProxyHttp for EdgeProxy {
                 if matches!(e, EdgeError::ClientClosed) {
                     return Err(edge_to_pingora(&e));
                 }
-                if matches!(e, EdgeError::BodyTooLarge { .. }) {
-                    // The rest of the body is unread: do not reuse the connection.
-                    session.set_keepalive(None);
-                }
-                respond::error(session, &e).await?;
-                Ok(true)
+                answer(session, ctx, &e).await
             }
         }
     }
@@ -192,7 +227,26 @@ impl ProxyHttp for EdgeProxy {
         };
         let key = pt.upstream.keys.pick();
         ctx.key_id = key.map(|k| k.id.clone());
-        headers::rewrite_passthrough_request(req, &pt.path_and_query, &replica.endpoint, key)
+        headers::rewrite_passthrough_request(
+            req,
+            &pt.path_and_query,
+            &replica.endpoint,
+            key,
+            &ctx.upstream_headers,
+        )
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<()> {
+        ctx.status = resp.status.as_u16();
+        for (k, v) in &ctx.response_headers {
+            resp.insert_header(*k, v.as_str())?;
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -269,7 +323,7 @@ impl ProxyHttp for EdgeProxy {
         let code = match edge {
             Some(err) => {
                 ctx.error_code = Some(err.code());
-                if let Err(we) = respond::error(session, &err).await {
+                if let Err(we) = respond::error_with(session, &err, &ctx.response_headers).await {
                     tracing::debug!("could not send the error response: {we}");
                 }
                 err.status()

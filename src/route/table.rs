@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let cfg = crate::config::from_yaml_str(
-            "upstreams: {u: {kind: vllm, endpoints: ['http://127.0.0.1:1']}}\nroutes:\n  - {prefix: /a/, upstream: u}\n  - {prefix: /a/b/, upstream: u, strip_prefix: true}\n",
+            "auth: {mode: open}\nupstreams: {u: {kind: vllm, endpoints: ['http://127.0.0.1:1']}}\nroutes:\n  - {prefix: /a/, upstream: u}\n  - {prefix: /a/b/, upstream: u, strip_prefix: true}\n",
             &|_| None,
         )
         .unwrap();

@@ -17,16 +17,28 @@ pub struct EndpointDiscovery {
     cfg: Arc<UpstreamConfig>,
     endpoints: Vec<Arc<Endpoint>>,
     dns: Arc<Dns>,
+    egress: Arc<super::egress::EgressPolicy>,
+    on_refusal: RefusalHook,
 }
+
+/// Called for every resolved address the egress policy refuses (metrics).
+pub type RefusalHook = Arc<dyn Fn(&str, &super::egress::Refusal) + Send + Sync>;
 
 impl EndpointDiscovery {
     /// Discovery for `cfg`'s endpoints, resolving hostnames with `dns`.
-    pub fn new(cfg: Arc<UpstreamConfig>, dns: Arc<Dns>) -> Self {
+    pub fn new(
+        cfg: Arc<UpstreamConfig>,
+        dns: Arc<Dns>,
+        egress: Arc<super::egress::EgressPolicy>,
+        on_refusal: RefusalHook,
+    ) -> Self {
         let endpoints = cfg.endpoints.iter().cloned().map(Arc::new).collect();
         Self {
             cfg,
             endpoints,
             dns,
+            egress,
+            on_refusal,
         }
     }
 
@@ -64,7 +76,18 @@ impl ServiceDiscovery for EndpointDiscovery {
             match self.dns.lookup(&ep.host).await {
                 Ok(ips) => {
                     for ip in ips {
-                        set.insert(self.backend(ep, SocketAddr::new(ip, ep.port)));
+                        let addr = SocketAddr::new(ip, ep.port);
+                        // Checked on the very address handed to HttpPeer: an answer that flips
+                        // to an internal address is refused here, before anything dials it.
+                        match self.egress.check_resolved(addr, self.cfg.allow_private) {
+                            Ok(()) => {
+                                set.insert(self.backend(ep, addr));
+                            }
+                            Err(refusal) => {
+                                (self.on_refusal)(&self.cfg.name, &refusal);
+                                tracing::warn!(upstream = %self.cfg.name, endpoint = %ep.url, "{refusal}");
+                            }
+                        }
                     }
                 }
                 // Keep serving the other endpoints; the refresher retries on its next tick.

@@ -1,33 +1,58 @@
-//! Asynchronous hostname resolution (hickory), so `HttpPeer` only ever gets a `SocketAddr`.
+//! Asynchronous DNS for hostname endpoints (hickory): the system configuration, or the
+//! nameservers of `dns.nameservers`. Never called on the request path.
 
+use crate::config::edge::DnsSettings;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
 use std::net::IpAddr;
 use tokio::sync::OnceCell;
 
-/// A lazily built resolver: built on first use inside the runtime that uses it, so its
-/// background connections live on that runtime.
+/// A lazily built resolver (built inside the runtime that first uses it).
 #[derive(Default)]
 pub struct Dns {
+    settings: DnsSettings,
     resolver: OnceCell<TokioResolver>,
 }
 
 impl Dns {
-    /// A resolver reading the system configuration (`/etc/resolv.conf`, hosts file) on first use.
+    /// A resolver using the system configuration.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A resolver with the given settings.
+    pub fn with_settings(settings: DnsSettings) -> Self {
+        Self {
+            settings,
+            resolver: OnceCell::new(),
+        }
     }
 
     async fn resolver(&self) -> Result<&TokioResolver, String> {
         self.resolver
             .get_or_try_init(|| async {
-                TokioResolver::builder_tokio()
-                    .map(|b| b.build())
-                    .map_err(|e| format!("reading the system resolver configuration: {e}"))
+                let mut builder = if self.settings.nameservers.is_empty() {
+                    TokioResolver::builder_tokio()
+                        .map_err(|e| format!("reading the system resolver configuration: {e}"))?
+                } else {
+                    let mut cfg = ResolverConfig::new();
+                    for ns in &self.settings.nameservers {
+                        cfg.add_name_server(NameServerConfig::new(*ns, Protocol::Udp));
+                        cfg.add_name_server(NameServerConfig::new(*ns, Protocol::Tcp));
+                    }
+                    TokioResolver::builder_with_config(cfg, TokioConnectionProvider::default())
+                };
+                if let Some(t) = self.settings.timeout {
+                    builder.options_mut().timeout = t;
+                }
+                Ok(builder.build())
             })
             .await
     }
 
-    /// Resolves `host` to its addresses (A and AAAA), or explains why not.
+    /// Every address of `host` (A and AAAA), honouring record TTLs through the resolver cache.
     pub async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         let resolver = self.resolver().await?;
         let answer = resolver

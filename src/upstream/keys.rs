@@ -112,6 +112,14 @@ impl PooledKey {
     }
 }
 
+/// Identity of a key across reloads: its id and a digest of its secret (never the secret).
+fn carry_key(id: &str, value: &HeaderValue) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(value.as_bytes());
+    let hex: String = d[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{id}/{hex}")
+}
+
 /// Outcome of a key selection.
 #[derive(Debug)]
 pub enum Pick<'a> {
@@ -188,7 +196,12 @@ impl KeyPool {
                 };
                 let mut value = HeaderValue::from_str(&raw).ok()?;
                 value.set_sensitive(true);
+                let state = states
+                    .get(&carry_key(&k.id, &value))
+                    .cloned()
+                    .unwrap_or_default();
                 Some(PooledKey {
+                    state,
                     id: k.id.clone(),
                     masked: k.secret.masked(),
                     header,
@@ -196,7 +209,6 @@ impl KeyPool {
                     weight: k.weight.max(1),
                     max_concurrent: k.max_concurrent,
                     models: k.models.clone(),
-                    state: states.get(&k.id).cloned().unwrap_or_default(),
                 })
             })
             .collect();
@@ -228,11 +240,12 @@ impl KeyPool {
         &self.keys
     }
 
-    /// Key states by id (to carry over on reload).
+    /// Key states to carry over on reload, for keys whose id and secret are unchanged (a
+    /// rotated secret starts afresh even under the same id).
     pub fn states(&self) -> HashMap<String, Arc<KeyState>> {
         self.keys
             .iter()
-            .map(|k| (k.id.clone(), k.state.clone()))
+            .map(|k| (carry_key(&k.id, &k.value), k.state.clone()))
             .collect()
     }
 

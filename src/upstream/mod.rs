@@ -2,6 +2,7 @@
 
 pub mod discovery;
 pub mod egress;
+pub mod health;
 pub mod dns;
 pub mod keys;
 pub mod replica;
@@ -33,11 +34,20 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the upstream. Literal-IP endpoints are usable at once; hostnames become usable
     /// after the first background resolution.
-    pub fn new(cfg: UpstreamConfig, dns: Arc<Dns>) -> Self {
+    pub fn new(
+        cfg: UpstreamConfig,
+        dns: Arc<Dns>,
+        egress: Arc<egress::EgressPolicy>,
+        on_refusal: discovery::RefusalHook,
+        carried: &std::collections::HashMap<String, Arc<keys::KeyState>>,
+    ) -> Self {
         let cfg = Arc::new(cfg);
-        let discovery = EndpointDiscovery::new(cfg.clone(), dns);
+        let discovery = EndpointDiscovery::new(cfg.clone(), dns, egress, on_refusal);
         let all_literal = cfg.endpoints.iter().all(|e| e.literal_ip.is_some());
-        let lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
+        let mut lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
+        if let (Some(hc), Some(ep)) = (cfg.health_check.as_ref(), cfg.endpoints.first()) {
+            lb.set_health_check(health::http_check(hc, ep));
+        }
         if all_literal {
             // Literal endpoints never await, so the first update completes synchronously.
             if let Some(Err(e)) = lb.update().now_or_never() {
@@ -49,7 +59,7 @@ impl Upstream {
             &cfg.keys,
             cfg.key_strategy,
             cfg.max_cooldown,
-            &std::collections::HashMap::new(),
+            carried,
         );
         Self { cfg, lb, keys }
     }
@@ -110,6 +120,21 @@ impl Upstream {
                 .and_then(|b| b.ext.get::<Arc<Replica>>().cloned())
         };
         pick(true).or_else(|| pick(false))
+    }
+
+    /// Replicas known, and how many of them are usable now (healthy and not ejected).
+    pub fn health_counts(&self) -> (usize, usize) {
+        let backends = self.lb.backends().get_backend();
+        let healthy = backends
+            .iter()
+            .filter(|b| self.lb.backends().ready(b))
+            .filter(|b| {
+                b.ext
+                    .get::<Arc<Replica>>()
+                    .is_some_and(|r| !r.is_ejected())
+            })
+            .count();
+        (backends.len(), healthy)
     }
 
     /// Number of replicas currently known.

@@ -85,9 +85,31 @@ impl ShutdownSignalWatch for StopWatch {
     }
 }
 
+/// Whether `yaml` sets the top-level key `key`.
+pub fn has_key(yaml: &str, key: &str) -> bool {
+    yaml.lines().any(|l| {
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+    })
+}
+
+/// The port of `admin: {listen: "127.0.0.1:PORT"}` in a config text, when the test set one.
+fn admin_listen_port(text: &str) -> Option<u16> {
+    let at = text.find("\nadmin:")?;
+    let rest = &text[at..];
+    let l = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
+    rest[l..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
 /// A running llm-edge; fast-shuts down and joins its thread when dropped.
 pub struct Proxy {
     addr: SocketAddr,
+    admin: SocketAddr,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
     files: Vec<PathBuf>,
@@ -115,13 +137,17 @@ impl Proxy {
     fn launch(yaml: &str, env: &[(&str, &str)], tracer: Option<Arc<Tracer>>) -> Self {
         init_logging();
         let port = free_port();
+        let admin_port = free_port();
         let pid_file = temp_path("pid");
         let upgrade_sock = temp_path("upgrade.sock");
         let text = format!(
-            "listen: [\"127.0.0.1:{port}\"]\nserver: {{threads: 2, grace_period: 0s, pid_file: {:?}, upgrade_sock: {:?}}}\n{yaml}",
+            "listen: [\"127.0.0.1:{port}\"]\nserver: {{threads: 2, pid_file: {:?}, upgrade_sock: {:?}}}\nshutdown: {{grace_period: 0s}}\n{}{}{yaml}",
             pid_file.display().to_string(),
             upgrade_sock.display().to_string(),
+            if has_key(yaml, "auth") { String::new() } else { "auth: {mode: open}\n".to_string() },
+            if has_key(yaml, "admin") { String::new() } else { format!("admin: {{listen: \"127.0.0.1:{admin_port}\"}}\n") },
         );
+        let admin_port = admin_listen_port(&text).unwrap_or(admin_port);
         let env: HashMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -144,6 +170,7 @@ impl Proxy {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let proxy = Self {
             addr,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             stop,
             thread: Some(thread),
             files: vec![pid_file, upgrade_sock],
@@ -177,6 +204,16 @@ impl Proxy {
     /// `http://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// `http://127.0.0.1:<admin port><path>` (`/metrics`, `/health/*`, `/admin/*`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 }
 
