@@ -1,8 +1,11 @@
 //! Process-lifetime state shared by the proxy, the admin listener and background services:
 //! the swappable config snapshot, per-client usage, trace and usage writers, and reloads.
 
+use crate::config::edge::{AccessLogSettings, AccessLogTarget};
 use crate::config::{self, Config};
+use crate::observe::access_log::{AccessLog, Format, Target};
 use crate::observe::ledger::Ledger;
+use crate::observe::metrics::Metrics;
 use crate::security::rate::ClientUsage;
 use crate::snapshot::{BuildInputs, SharedSnapshot, Snapshot};
 use crate::trace::Tracer;
@@ -27,6 +30,10 @@ pub struct Runtime {
     pub config_path: Option<PathBuf>,
     /// Requests in flight (for `limits.max_concurrent_requests`).
     pub in_flight: AtomicUsize,
+    /// Prometheus metrics of this instance.
+    pub metrics: Arc<Metrics>,
+    /// Access log writer (disabled when `access_log` is off).
+    pub access_log: AccessLog,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -44,13 +51,16 @@ impl Runtime {
         tracer: Arc<Tracer>,
         ledger: Option<Arc<Ledger>>,
         config_path: Option<PathBuf>,
+        access_log: AccessLog,
     ) -> Arc<Self> {
         let clients = ClientUsage::default();
+        let metrics = Metrics::new();
+        metrics.mark_config_loaded(std::time::SystemTime::now());
         let snap = Snapshot::build(
             cfg,
             BuildInputs {
                 clients: &clients,
-                on_refusal: refusal_hook(),
+                on_refusal: refusal_hook(&metrics),
                 previous: None,
             },
         );
@@ -61,6 +71,8 @@ impl Runtime {
             ledger,
             config_path,
             in_flight: AtomicUsize::new(0),
+            metrics,
+            access_log,
             reload_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -73,11 +85,16 @@ impl Runtime {
             return Err("no config file to reload (started from an in-memory config)".into());
         };
         let _one_at_a_time = self.reload_lock.lock().await;
-        let cfg = tokio::task::spawn_blocking(move || config::load_file(&path))
+        let loaded = tokio::task::spawn_blocking(move || config::load_file(&path))
             .await
-            .map_err(|e| format!("reading the config: {e}"))?
-            .map_err(|e| e.to_string())?;
-        self.swap_in(cfg).await
+            .map_err(|e| format!("reading the config: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let result = match loaded {
+            Ok(cfg) => self.swap_in(cfg).await,
+            Err(e) => Err(e),
+        };
+        self.metrics.record_config_reload(result.is_ok());
+        result
     }
 
     /// Swaps a validated config in (the second half of [`Runtime::reload`]).
@@ -91,7 +108,7 @@ impl Runtime {
             cfg,
             BuildInputs {
                 clients: &self.clients,
-                on_refusal: refusal_hook(),
+                on_refusal: refusal_hook(&self.metrics),
                 previous: Some(&old),
             },
         );
@@ -114,10 +131,16 @@ impl Runtime {
     }
 
     /// Reopens the access log file (logrotate, SIGUSR1).
-    pub fn reopen_logs(&self) {}
+    pub fn reopen_logs(&self) {
+        self.access_log.reopen();
+    }
 
-    /// Writes out every queued access log line.
-    pub fn flush_logs(&self) {}
+    /// Writes out every queued access log line (blocks up to 5 s; shutdown only).
+    pub fn flush_logs(&self) {
+        if !self.access_log.flush() {
+            tracing::warn!("access log not fully written at shutdown");
+        }
+    }
 
     /// Counts a request in flight until the guard drops; `None` when over
     /// `limits.max_concurrent_requests`.
@@ -140,8 +163,31 @@ impl Drop for InFlightGuard {
     }
 }
 
-fn refusal_hook() -> RefusalHook {
-    Arc::new(|_upstream: &str, _refusal: &crate::upstream::egress::Refusal| {})
+fn refusal_hook(metrics: &Arc<Metrics>) -> RefusalHook {
+    let m = Arc::downgrade(metrics);
+    Arc::new(
+        move |upstream: &str, refusal: &crate::upstream::egress::Refusal| {
+            if let Some(m) = m.upgrade() {
+                m.count_egress_refused(upstream, refusal.class.as_str());
+            }
+        },
+    )
+}
+
+/// Opens the access log the config asks for.
+pub fn open_access_log(settings: Option<&AccessLogSettings>) -> std::io::Result<AccessLog> {
+    let Some(s) = settings else {
+        return AccessLog::start(Target::Off, Format::Combined, 1);
+    };
+    let target = match &s.target {
+        AccessLogTarget::Stderr => Target::Stderr,
+        AccessLogTarget::File(p) => Target::File(p.clone()),
+    };
+    let format = match s.format {
+        crate::config::schema::AccessLogFormat::Combined => Format::Combined,
+        crate::config::schema::AccessLogFormat::Json => Format::Json,
+    };
+    AccessLog::start(target, format, s.queue)
 }
 
 /// Settings read once at start (listeners, process settings, writers).

@@ -61,14 +61,20 @@ impl EdgeServer {
                 None => Ledger::in_memory(),
             })),
         };
-        Ok(Self::with_parts(cfg, opts, tracer, ledger))
+        let access_log = crate::runtime::open_access_log(cfg.access_log.as_ref())
+            .map_err(|e| format!("access_log: {e}"))?;
+        Ok(Self::with_parts(cfg, opts, tracer, ledger, access_log))
     }
 
     /// Builds every service around a given tracer (tests use custom sinks); usage accounting
     /// in memory when the config has a `usage:` section.
     pub fn with_tracer(cfg: Config, opts: RunOptions, tracer: Arc<Tracer>) -> Self {
         let ledger = cfg.usage.as_ref().map(|_| Arc::new(Ledger::in_memory()));
-        Self::with_parts(cfg, opts, tracer, ledger)
+        let access_log = match crate::runtime::open_access_log(cfg.access_log.as_ref()) {
+            Ok(a) => a,
+            Err(e) => panic!("access_log: {e}"),
+        };
+        Self::with_parts(cfg, opts, tracer, ledger, access_log)
     }
 
     fn with_parts(
@@ -76,6 +82,7 @@ impl EdgeServer {
         opts: RunOptions,
         tracer: Arc<Tracer>,
         ledger: Option<Arc<Ledger>>,
+        access_log: crate::observe::access_log::AccessLog,
     ) -> Self {
         let grace = cfg.server.grace_period;
         let conf = ServerConf {
@@ -103,7 +110,13 @@ impl EdgeServer {
         let listen = cfg.listen.clone();
         let admin_addr = cfg.admin.listen;
         let demo = cfg.demo_upstream;
-        let rt = Runtime::new(cfg, tracer.clone(), ledger.clone(), opts.config_path.clone());
+        let rt = Runtime::new(
+            cfg,
+            tracer.clone(),
+            ledger.clone(),
+            opts.config_path.clone(),
+            access_log,
+        );
 
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// What a row is counted under.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LedgerKey {
-    /// Client identity (`anonymous` until client auth exists).
+    /// Client key id (`anonymous` in open mode).
     pub client: String,
     /// Upstream name.
     pub upstream: String,
@@ -223,6 +223,11 @@ impl Ledger {
             }
         }
         self.inner.dirty.store(true, Ordering::Release);
+    }
+
+    /// 1 while changes wait to be saved, else 0 (the `llm_edge_ledger_pending` gauge).
+    pub fn pending(&self) -> u64 {
+        u64::from(self.inner.dirty.load(Ordering::Acquire) && self.path.is_some())
     }
 
     /// Rows summed by `group_by` (`key`, `model`, `client`, `upstream`), from hours at or after

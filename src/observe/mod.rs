@@ -6,7 +6,33 @@ pub mod metrics;
 pub mod sse;
 pub mod usage;
 
-/// The `/metrics` body (being wired).
-pub fn scrape(_rt: &crate::runtime::Runtime) -> bytes::Bytes {
-    bytes::Bytes::new()
+/// The `/metrics` body: state gauges refreshed from the current snapshot, then rendered.
+pub fn scrape(rt: &crate::runtime::Runtime) -> bytes::Bytes {
+    use metrics::KeyStateLabel;
+    let m = &rt.metrics;
+    let snap = rt.state.load_full();
+    m.reset_key_states();
+    m.reset_replica_health();
+    for up in snap.upstreams.values() {
+        for k in up.keys.keys() {
+            let state = if k.state.is_dead() {
+                KeyStateLabel::Dead
+            } else if !k.state.max_cooldown_left().is_zero() {
+                KeyStateLabel::Cooling
+            } else {
+                KeyStateLabel::Up
+            };
+            m.set_key_state(&up.cfg.name, &k.id, state);
+        }
+        for (label, healthy) in up.replica_health() {
+            m.set_replica_healthy(&up.cfg.name, &label, healthy);
+        }
+    }
+    m.set_trace_queue_depth(rt.tracer.depth() as u64);
+    m.sync_trace_dropped(rt.tracer.dropped());
+    if let Some(l) = &rt.ledger {
+        m.set_ledger_pending(l.pending());
+    }
+    m.sync_access_log_dropped(rt.access_log.dropped());
+    bytes::Bytes::from(m.render())
 }

@@ -191,6 +191,7 @@ pub async fn handle(
     let result = route_and_forward(
         session,
         connector,
+        &rt.metrics,
         snap,
         &body,
         path_and_query,
@@ -240,6 +241,7 @@ pub async fn handle(
     if let (Some(c), Some(t)) = (ctx.client.as_ref(), tokens.as_ref()) {
         crate::security::rate::charge_tokens(&c.usage, &c.limit, t.total);
     }
+    ctx.tokens = tokens.clone();
     // Only calls that reached an upstream are charged to it.
     if let (Some(l), Some(upstream), true) = (ledger, ctx.upstream.clone(), ctx.attempts > 0) {
         let failure = match &result {
@@ -275,6 +277,7 @@ fn unix_now() -> f64 {
 async fn route_and_forward(
     session: &mut Session,
     connector: &Connector,
+    metrics: &crate::observe::metrics::Metrics,
     snap: &Snapshot,
     body: &Bytes,
     path_and_query: &str,
@@ -285,6 +288,9 @@ async fn route_and_forward(
     let top = TopLevel::parse(body)?;
     let model = model_of(&top)?;
     ctx.stream = top.get_bool("stream") == Some(true);
+    if ctx.stream {
+        ctx.gauges.1 = Some(metrics.stream_guard());
+    }
     let Some(m) = snap.routes.model(&model) else {
         ctx.model = Some(model.clone());
         return Err(EdgeError::UnknownModel(model));

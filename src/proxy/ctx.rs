@@ -73,6 +73,23 @@ pub struct RequestCtx {
     pub response_headers: Vec<(&'static str, String)>,
     /// Headers set on the upstream request (request id, forwarding headers).
     pub upstream_headers: Vec<(&'static str, String)>,
+    /// What kind of request this was (metrics label).
+    pub kind: crate::observe::metrics::RequestKind,
+    /// Upstream time to the response header (last attempt).
+    pub upstream_ttfb: Option<std::time::Duration>,
+    /// Upstream exchange time, request sent to last byte (last attempt).
+    pub upstream_time: Option<std::time::Duration>,
+    /// When the last upstream attempt started (pass-through).
+    pub upstream_started: Option<Instant>,
+    /// Why each extra attempt was made, and whether it moved to another replica.
+    pub retries: Vec<(crate::observe::metrics::RetryReason, bool)>,
+    /// Tokens the call used, when observed.
+    pub tokens: Option<crate::trace::record::Tokens>,
+    /// Active request / stream gauges, released when the request ends.
+    pub gauges: (
+        Option<crate::observe::metrics::ActiveGuard>,
+        Option<crate::observe::metrics::ActiveGuard>,
+    ),
     /// Held while the request runs: instance-wide and per-key in-flight slots.
     pub slots: (
         Option<crate::runtime::InFlightGuard>,
@@ -113,6 +130,13 @@ impl RequestCtx {
             response_headers: Vec::new(),
             upstream_headers: Vec::new(),
             slots: (None, None),
+            kind: crate::observe::metrics::RequestKind::Local,
+            upstream_ttfb: None,
+            upstream_time: None,
+            upstream_started: None,
+            retries: Vec::new(),
+            tokens: None,
+            gauges: (None, None),
         }
     }
 }

@@ -6,6 +6,7 @@ use super::ctx::RequestCtx;
 use super::headers;
 use super::respond;
 use crate::error::EdgeError;
+use crate::observe::metrics::RetryReason;
 use crate::observe::usage::UsageScanner;
 use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
@@ -101,6 +102,9 @@ pub async fn forward(
         up.cfg.name
     ));
     let mut attempt = 0;
+    // Why the previous attempt failed, and where it went (metrics: retries and failovers).
+    let mut retry_reason: Option<RetryReason> = None;
+    let mut prev_replica: Option<SocketAddr> = None;
     while attempt < up.cfg.max_attempts {
         if attempt > 0 && Instant::now() >= retry_deadline {
             break;
@@ -167,9 +171,15 @@ pub async fn forward(
             backoff(attempt).await;
         }
         attempt += 1;
-        if let Some(a) = replica.peer._address.as_inet() {
-            if !tried_replicas.contains(a) {
-                tried_replicas.push(*a);
+        let this_replica = replica.peer._address.as_inet().copied();
+        if let Some(reason) = retry_reason.take() {
+            ctx.retries.push((reason, this_replica != prev_replica));
+        }
+        prev_replica = this_replica;
+        let attempt_started = Instant::now();
+        if let Some(a) = this_replica {
+            if !tried_replicas.contains(&a) {
+                tried_replicas.push(a);
             }
         }
         ctx.attempts += 1;
@@ -190,6 +200,10 @@ pub async fn forward(
             Ok(us) => us,
             Err(AttemptError::Retry(e)) => {
                 tracing::warn!(upstream = %up.cfg.name, replica = %replica.label, attempt, "{e}");
+                retry_reason = Some(match e {
+                    EdgeError::UpstreamTimeout(_) => RetryReason::Timeout,
+                    _ => RetryReason::ConnectError,
+                });
                 if let Some(l) = &lease {
                     up.keys.on_error(l.index, "connect");
                 }
@@ -198,6 +212,7 @@ pub async fn forward(
             }
             Err(AttemptError::Fatal(e)) => return Err(e),
         };
+        ctx.upstream_ttfb = Some(attempt_started.elapsed());
         let Some(resp) = us.response_header() else {
             return Err(EdgeError::Internal(
                 "response header missing after read".into(),
@@ -209,12 +224,13 @@ pub async fn forward(
             // Read the (small) answer: it carries retry hints, and is passed through as it is
             // when no other key or replica can take the request.
             let Some(h) = read_decision_body(&mut us, &t).await else {
-                replica.mark_ok();
                 ctx.status = status;
-                return relay(
+                let r = relay(
                     session, connector, us, &replica, &out, ctx, obs, deadline, &t,
                 )
                 .await;
+                ctx.upstream_time = Some(attempt_started.elapsed());
+                return r;
             };
             connector
                 .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
@@ -238,6 +254,14 @@ pub async fn forward(
                     up.keys.on_error(l.index, "upstream_5xx");
                     soft_keys.push(l.index);
                 }
+            }
+            retry_reason = Some(match status {
+                429 => RetryReason::RateLimited,
+                s if is_key_refused(s) => RetryReason::Auth,
+                _ => RetryReason::ServerError,
+            });
+            if status >= 500 {
+                replica.mark_server_error();
             }
             if key_refused {
                 last_err = EdgeError::CredentialsExhausted(format!(
@@ -278,6 +302,7 @@ pub async fn forward(
             session, connector, us, &replica, &out, ctx, obs, deadline, &t,
         )
         .await;
+        ctx.upstream_time = Some(attempt_started.elapsed());
         drop(lease);
         return r;
     }

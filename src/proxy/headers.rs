@@ -139,6 +139,17 @@ pub fn downstream_response(
         }
         resp.append_header(name.clone(), value.clone())?;
     }
+    add_ours(&mut resp, ours)?;
+    // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
+    // it by closing the connection, making a broken stream look complete).
+    if resp.headers.get(header::CONTENT_LENGTH).is_none() {
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(resp)
+}
+
+/// Adds llm-edge's own response headers (request id, CORS, rate limits) to a response.
+pub fn add_ours(resp: &mut ResponseHeader, ours: &[(&'static str, String)]) -> pingora::Result<()> {
     for (k, v) in ours {
         if *k == "x-request-id" {
             // The client gets its own id back; the provider's id (which its support asks
@@ -149,12 +160,7 @@ pub fn downstream_response(
         }
         resp.insert_header(*k, v.as_str())?;
     }
-    // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
-    // it by closing the connection, making a broken stream look complete).
-    if resp.headers.get(header::CONTENT_LENGTH).is_none() {
-        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-    }
-    Ok(resp)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,10 +6,12 @@ pub mod ctx;
 pub mod forward;
 pub mod gate;
 pub mod headers;
+pub mod logging;
 pub mod passthrough;
 pub mod respond;
 
 use crate::error::EdgeError;
+use crate::observe::metrics::RequestKind;
 use crate::route::api::{self, ApiPath};
 use crate::route::slug;
 use crate::runtime::Runtime;
@@ -74,6 +76,7 @@ impl ProxyHttp for EdgeProxy {
     ) -> pingora::Result<bool> {
         let snap = self.rt.state.load_full();
         ctx.snapshot = Some(snap.clone());
+        ctx.gauges.0 = Some(self.rt.metrics.request_guard());
         ctx.request_id = gate::request_id(session.req_header());
         ctx.response_headers
             .push(("x-request-id", ctx.request_id.clone()));
@@ -123,6 +126,7 @@ impl ProxyHttp for EdgeProxy {
         let method = session.req_header().method.clone();
         let result = match api::classify(&path) {
             ApiPath::Call(endpoint) if method == http::Method::POST => {
+                ctx.kind = RequestKind::Api;
                 // Boxed: the API-call future is large, and Pingora moves the request future
                 // around; a pointer is cheaper to move (memmove showed in profiles).
                 let r = Box::pin(api_call::handle(
@@ -140,6 +144,7 @@ impl ProxyHttp for EdgeProxy {
                 r
             }
             ApiPath::ListModels if method == http::Method::GET => {
+                ctx.kind = RequestKind::Models;
                 ctx.status = 200;
                 respond::json_with(session, 200, snap.models_body.clone(), &ctx.response_headers)
                     .await?;
@@ -150,6 +155,7 @@ impl ProxyHttp for EdgeProxy {
             }
             _ => match passthrough::plan(&snap, &path_and_query) {
                 Some(pt) => {
+                    ctx.kind = RequestKind::Passthrough;
                     ctx.upstream = Some(pt.upstream.cfg.name.clone());
                     ctx.pass_through = Some(pt);
                     ctx.path_meta = Some(meta);
@@ -227,6 +233,7 @@ impl ProxyHttp for EdgeProxy {
         };
         let key = pt.upstream.keys.pick();
         ctx.key_id = key.map(|k| k.id.clone());
+        ctx.upstream_started = Some(std::time::Instant::now());
         headers::rewrite_passthrough_request(
             req,
             &pt.path_and_query,
@@ -243,10 +250,20 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> pingora::Result<()> {
         ctx.status = resp.status.as_u16();
-        for (k, v) in &ctx.response_headers {
-            resp.insert_header(*k, v.as_str())?;
+        if let Some(t) = ctx.upstream_started {
+            ctx.upstream_ttfb = Some(t.elapsed());
         }
-        Ok(())
+        headers::add_ours(resp, &ctx.response_headers)
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX)
+    where
+        Self::CTX: Send + Sync,
+    {
+        if ctx.kind == RequestKind::Passthrough {
+            ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        }
+        logging::finish(&self.rt, session, ctx);
     }
 
     fn fail_to_connect(

@@ -2,7 +2,7 @@
 //! nameservers of `dns.nameservers`. Never called on the request path.
 
 use crate::config::edge::DnsSettings;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
@@ -42,7 +42,11 @@ impl Dns {
                         cfg.add_name_server(NameServerConfig::new(*ns, Protocol::Udp));
                         cfg.add_name_server(NameServerConfig::new(*ns, Protocol::Tcp));
                     }
-                    TokioResolver::builder_with_config(cfg, TokioConnectionProvider::default())
+                    let mut b =
+                        TokioResolver::builder_with_config(cfg, TokioConnectionProvider::default());
+                    // Explicit nameservers only: /etc/hosts must not answer instead.
+                    b.options_mut().use_hosts_file = ResolveHosts::Never;
+                    b
                 };
                 if let Some(t) = self.settings.timeout {
                     builder.options_mut().timeout = t;

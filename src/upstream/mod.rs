@@ -137,6 +137,22 @@ impl Upstream {
         (backends.len(), healthy)
     }
 
+    /// Every replica's label and whether it is usable now (metrics).
+    pub fn replica_health(&self) -> Vec<(String, bool)> {
+        self.lb
+            .backends()
+            .get_backend()
+            .iter()
+            .filter_map(|b| {
+                let r = b.ext.get::<Arc<Replica>>()?;
+                Some((
+                    r.label.clone(),
+                    self.lb.backends().ready(b) && !r.is_ejected(),
+                ))
+            })
+            .collect()
+    }
+
     /// Number of replicas currently known.
     pub fn replica_count(&self) -> usize {
         self.lb.backends().get_backend().len()

@@ -5,12 +5,9 @@ use crate::config::{Endpoint, UpstreamConfig};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// How long a replica that refused a connection is skipped (unless every replica is down).
-pub const PASSIVE_EJECT: Duration = Duration::from_secs(10);
 
 /// One replica of an upstream at one resolved address.
 #[derive(Debug)]
@@ -23,6 +20,9 @@ pub struct Replica {
     pub label: String,
     /// Unix millis until which the replica is skipped after a connect failure.
     down_until_ms: AtomicU64,
+    /// Consecutive 5xx answers.
+    server_errors: AtomicU32,
+    passive: crate::config::PassiveHealth,
 }
 
 impl Replica {
@@ -48,6 +48,8 @@ impl Replica {
             label: addr.to_string(),
             endpoint,
             down_until_ms: AtomicU64::new(0),
+            server_errors: AtomicU32::new(0),
+            passive: cfg.passive,
         }
     }
 
@@ -56,14 +58,31 @@ impl Replica {
         self.down_until_ms.load(Ordering::Relaxed) > now_ms()
     }
 
-    /// Records a connect failure: skip for [`PASSIVE_EJECT`].
+    /// Records a connect failure: a refused connection ejects at once for `passive_health.eject_for`.
     pub fn mark_connect_failure(&self) {
-        let until = now_ms() + PASSIVE_EJECT.as_millis() as u64;
+        self.eject();
+    }
+
+    /// Records a 5xx answer; `passive_health.failures` in a row eject the replica.
+    pub fn mark_server_error(&self) {
+        let n = self.server_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.passive.failures {
+            self.server_errors.store(0, Ordering::Relaxed);
+            tracing::warn!(replica = %self.label, "{n} server errors in a row; ejected for {:?}", self.passive.eject_for);
+            self.eject();
+        }
+    }
+
+    fn eject(&self) {
+        let until = now_ms() + self.passive.eject_for.as_millis() as u64;
         self.down_until_ms.store(until, Ordering::Relaxed);
     }
 
     /// Records a success: back in rotation.
     pub fn mark_ok(&self) {
+        if self.server_errors.load(Ordering::Relaxed) != 0 {
+            self.server_errors.store(0, Ordering::Relaxed);
+        }
         if self.down_until_ms.load(Ordering::Relaxed) != 0 {
             self.down_until_ms.store(0, Ordering::Relaxed);
         }

@@ -137,7 +137,10 @@ impl Proxy {
     fn launch(yaml: &str, env: &[(&str, &str)], tracer: Option<Arc<Tracer>>) -> Self {
         init_logging();
         let port = free_port();
-        let admin_port = free_port();
+        let mut admin_port = free_port();
+        while admin_port == port {
+            admin_port = free_port();
+        }
         let pid_file = temp_path("pid");
         let upgrade_sock = temp_path("upgrade.sock");
         let text = format!(
@@ -182,7 +185,9 @@ impl Proxy {
     fn wait_accepting(&self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let up =
+                |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok();
+            if up(&self.addr) && up(&self.admin) {
                 return;
             }
             let finished = self.thread.as_ref().is_some_and(|t| t.is_finished());

@@ -4,6 +4,7 @@
 // Each test crate compiles this module on its own and uses a subset of it.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod harness;
 pub mod mock;
 
