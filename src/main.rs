@@ -51,10 +51,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for w in &cfg.warnings {
-        eprintln!("llm-edge: [warn] {w}");
-    }
     if cli.test {
+        // A normal start logs these through tracing instead.
+        for w in &cfg.warnings {
+            eprintln!("llm-edge: [warn] {w}");
+        }
         println!(
             "llm-edge: configuration file {} test is successful",
             cli.conf.display()

@@ -167,7 +167,7 @@ wait_ready() {
 }
 
 # Assigned in the main shell (free_port runs in a subshell and cannot record what it chose).
-for name in mock nginx edge-api edge-pass; do
+for name in mock nginx edge-api edge-pass edge-api-admin edge-pass-admin; do
   PORT_OF[$name]=$(USED_PORTS="$USED_PORTS${PORT_OF[*]} " free_port)
 done
 MOCK_ADDR=127.0.0.1:${PORT_OF[mock]}
@@ -183,6 +183,9 @@ write_configs() {
     cat >"$TMP/$name.yaml" <<EOF
 # Written by benches/e2e/run.sh.
 listen: ["127.0.0.1:${PORT_OF[$name]}"]
+admin: {listen: "127.0.0.1:${PORT_OF[$name-admin]}"}
+# nginx authenticates nobody in this comparison, so neither does llm-edge.
+auth: {mode: open}
 server: {threads: 1, pid_file: "$TMP/$name.pid", upgrade_sock: "$TMP/$name-upgrade.sock"}
 upstreams:
   mock:
