@@ -67,11 +67,20 @@ fn main() -> ExitCode {
         tracing::info!("listening on {scheme}://{}", l.addr);
     }
     tracing::info!("admin listener on http://{}", cfg.admin.listen);
+    if cli.daemon {
+        // Detach before anything starts a thread: the trace, usage and access-log writers run
+        // on threads, which a fork inside Pingora's run() would leave behind in the parent.
+        if let Err(e) = daemonize(&cfg.server.pid_file) {
+            eprintln!("llm-edge: cannot detach: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let server = match EdgeServer::new(
         cfg,
         RunOptions {
             upgrade: cli.upgrade,
-            daemon: cli.daemon,
+            // Already detached above.
+            daemon: false,
             config_path: Some(cli.conf.clone()),
             process_signals: true,
         },
@@ -84,4 +93,23 @@ fn main() -> ExitCode {
     };
     server.run(RunArgs::default());
     ExitCode::SUCCESS
+}
+
+/// Forks into the background, writing `pid_file` (an old one is kept as `<pid_file>.old` so a
+/// graceful upgrade can still find the previous process).
+fn daemonize(pid_file: &str) -> Result<(), String> {
+    let path = std::path::Path::new(pid_file);
+    if path.exists() {
+        let old = format!("{pid_file}.old");
+        std::fs::rename(path, &old).map_err(|e| format!("moving {pid_file} to {old}: {e}"))?;
+    }
+    let cwd = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    daemonix::Daemonize::new()
+        .umask(0o007)
+        .pid_file(pid_file)
+        .working_directory(cwd)
+        .stdout(daemonix::Stdio::keep())
+        .stderr(daemonix::Stdio::keep())
+        .start()
+        .map_err(|e| e.to_string())
 }

@@ -157,10 +157,7 @@ impl EdgeServer {
             },
         ));
         if opts.process_signals {
-            server.add_service(background_service(
-                "signals",
-                Signals { rt: rt.clone() },
-            ));
+            server.add_service(background_service("signals", Signals { rt: rt.clone() }));
         }
         if let Some(addr) = demo {
             let mut svc = pingora::proxy::http_proxy_service_with_name(

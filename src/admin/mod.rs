@@ -49,8 +49,12 @@ impl ProxyHttp for AdminService {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/health/live") => {
-                respond::json(session, 200, bytes::Bytes::from_static(b"{\"status\":\"ok\"}"))
-                    .await?
+                respond::json(
+                    session,
+                    200,
+                    bytes::Bytes::from_static(b"{\"status\":\"ok\"}"),
+                )
+                .await?
             }
             ("GET", "/health/ready") => {
                 let (ready, body) = health::ready(&snap);

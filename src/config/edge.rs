@@ -315,7 +315,9 @@ pub fn cors(raw: Option<RawCors>, problems: &mut Vec<String>) -> Option<CorsSett
         .collect();
     for (i, h) in headers.iter().enumerate() {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-            problems.push(format!("cors.allow_headers[{i}]: {h:?} is not a header name"));
+            problems.push(format!(
+                "cors.allow_headers[{i}]: {h:?} is not a header name"
+            ));
         }
     }
     Some(CorsSettings {
@@ -423,7 +425,10 @@ pub fn admin(
 }
 
 /// Parses `access_log:`; `None` when absent or `path: off`.
-pub fn access_log(raw: Option<RawAccessLog>, problems: &mut Vec<String>) -> Option<AccessLogSettings> {
+pub fn access_log(
+    raw: Option<RawAccessLog>,
+    problems: &mut Vec<String>,
+) -> Option<AccessLogSettings> {
     let raw = raw?;
     let target = match raw.path.as_str() {
         "off" => return None,
@@ -451,10 +456,9 @@ mod tests {
 
     #[test]
     fn sha256_hex() {
-        let h = parse_sha256_hex(
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-        )
-        .unwrap();
+        let h =
+            parse_sha256_hex("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
+                .unwrap();
         assert_eq!(h, <[u8; 32]>::from(Sha256::digest(b"test")));
         assert!(parse_sha256_hex("9f86").is_none());
         assert!(parse_sha256_hex(&"g".repeat(64)).is_none());
@@ -462,7 +466,10 @@ mod tests {
 
     #[test]
     fn cidr_forms() {
-        assert_eq!(parse_cidr("10.1.2.3/16").unwrap().to_string(), "10.1.0.0/16");
+        assert_eq!(
+            parse_cidr("10.1.2.3/16").unwrap().to_string(),
+            "10.1.0.0/16"
+        );
         assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert_eq!(parse_cidr("fd00::/8").unwrap().to_string(), "fd00::/8");
         assert!(parse_cidr("10.0.0.0/33").is_none());

@@ -382,7 +382,12 @@ pub fn validate(
     let limits = Limits {
         max_body,
         max_slug,
-        max_uri: size_or(&raw.limits.max_uri, 8 << 10, "limits.max_uri", &mut problems),
+        max_uri: size_or(
+            &raw.limits.max_uri,
+            8 << 10,
+            "limits.max_uri",
+            &mut problems,
+        ),
         max_headers: match raw.limits.max_headers {
             Some(0) => {
                 problems.push("limits.max_headers: must be at least 1".to_string());
@@ -770,7 +775,12 @@ fn validate_upstream(
     })
 }
 
-fn size_or(v: &Option<units::HumanSize>, default: usize, at: &str, problems: &mut Vec<String>) -> usize {
+fn size_or(
+    v: &Option<units::HumanSize>,
+    default: usize,
+    at: &str,
+    problems: &mut Vec<String>,
+) -> usize {
     match v {
         Some(s) if s.0 == 0 => {
             problems.push(format!("{at}: must be greater than 0"));
@@ -891,10 +901,7 @@ mod tests {
     use super::*;
 
     /// Test configs without an `auth:` section run in open mode.
-    fn open_yaml(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    fn open_yaml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         if text.contains("\nauth:") {
             from_yaml_str(text, env)
         } else {
@@ -951,9 +958,7 @@ routes:
 
     #[test]
     fn missing_env_var_is_named() {
-        let e = open_yaml(ISSUE_FORM, &|_| None)
-            .unwrap_err()
-            .to_string();
+        let e = open_yaml(ISSUE_FORM, &|_| None).unwrap_err().to_string();
         assert!(e.contains("upstreams.local-vllm.keys[0]"), "{e}");
         assert!(e.contains("VLLM_KEY"), "{e}");
     }

@@ -3,11 +3,11 @@
 use super::ctx::RequestCtx;
 use super::forward::{self, Observer, Outbound};
 use crate::config::{Limits, ModelConfig, UpstreamConfig};
-use crate::runtime::Runtime;
 use crate::error::EdgeError;
 use crate::observe::ledger::{CallUsage, Ledger};
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
+use crate::runtime::Runtime;
 use crate::shaping::body::{json_string, Edit, TopLevel};
 use crate::shaping::sampling;
 use crate::shaping::strip::Strip;
@@ -295,7 +295,10 @@ async fn route_and_forward(
         ctx.model = Some(model.clone());
         return Err(EdgeError::UnknownModel(model));
     };
-    crate::security::auth::check_model_of(ctx.client.as_ref().and_then(|c| c.models.as_deref()), &model)?;
+    crate::security::auth::check_model_of(
+        ctx.client.as_ref().and_then(|c| c.models.as_deref()),
+        &model,
+    )?;
     ctx.model = Some(model);
     let Some(upstream) = snap.upstreams.get(&m.upstream) else {
         return Err(EdgeError::Internal(format!(

@@ -74,8 +74,13 @@ pub fn client_address(
     let nets = &snap.cfg.trusted_proxies;
     let client = client_addr::real_client(peer, &req.headers, nets);
     ctx.client_addr = Some(client);
-    ctx.upstream_headers
-        .extend(client_addr::upstream_headers(peer, client, &req.headers, nets, tls));
+    ctx.upstream_headers.extend(client_addr::upstream_headers(
+        peer,
+        client,
+        &req.headers,
+        nets,
+        tls,
+    ));
     ctx.upstream_headers
         .push(("x-request-id", ctx.request_id.clone()));
 }
@@ -125,8 +130,8 @@ mod tests {
         let l = limits();
         let ok = RequestHeader::build("GET", b"/v1/models", None).unwrap();
         assert!(check_limits(&ok, &l).is_ok());
-        let long = RequestHeader::build("GET", format!("/{}", "a".repeat(64)).as_bytes(), None)
-            .unwrap();
+        let long =
+            RequestHeader::build("GET", format!("/{}", "a".repeat(64)).as_bytes(), None).unwrap();
         assert_eq!(check_limits(&long, &l).unwrap_err().status(), 414);
         let mut many = ok.clone();
         for i in 0..4 {

@@ -126,7 +126,8 @@ pub fn downstream_response(
     upstream: &ResponseHeader,
     ours: &[(&'static str, String)],
 ) -> pingora::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + ours.len()))?;
+    let mut resp =
+        ResponseHeader::build(upstream.status, Some(upstream.headers.len() + ours.len()))?;
     let nominated = connection_nominated(&upstream.headers);
     let chunked = upstream.headers.get(header::TRANSFER_ENCODING).is_some();
     for (name, value) in upstream.headers.iter() {
@@ -157,6 +158,18 @@ pub fn add_ours(resp: &mut ResponseHeader, ours: &[(&'static str, String)]) -> p
             if let Some(theirs) = resp.remove_header("x-request-id") {
                 resp.insert_header("x-upstream-request-id", theirs)?;
             }
+        }
+        if *k == "vary" {
+            // Keep the upstream's Vary (e.g. Accept-Encoding) and add ours to it.
+            let merged = match resp.headers.get("vary").and_then(|x| x.to_str().ok()) {
+                Some(theirs) if !theirs.split(',').any(|t| t.trim().eq_ignore_ascii_case(v)) => {
+                    format!("{theirs}, {v}")
+                }
+                Some(theirs) => theirs.to_string(),
+                None => v.clone(),
+            };
+            resp.insert_header("vary", merged)?;
+            continue;
         }
         resp.insert_header(*k, v.as_str())?;
     }

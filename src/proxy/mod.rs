@@ -47,7 +47,11 @@ fn edge_to_pingora(e: &EdgeError) -> Box<Error> {
 }
 
 /// Answers `e` as the request's response (with the request's extra headers).
-async fn answer(session: &mut Session, ctx: &mut RequestCtx, e: &EdgeError) -> pingora::Result<bool> {
+async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    e: &EdgeError,
+) -> pingora::Result<bool> {
     ctx.error_code = Some(e.code());
     ctx.status = e.status();
     if matches!(
@@ -84,11 +88,12 @@ impl ProxyHttp for EdgeProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let tls = session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         gate::client_address(&snap, session.req_header(), peer, tls, ctx);
-        match self.rt.admit_request(snap.cfg.limits.max_concurrent_requests) {
+        match self
+            .rt
+            .admit_request(snap.cfg.limits.max_concurrent_requests)
+        {
             Some(g) => ctx.slots.0 = Some(g),
             None => return answer(session, ctx, &EdgeError::Overloaded).await,
         }
@@ -146,8 +151,13 @@ impl ProxyHttp for EdgeProxy {
             ApiPath::ListModels if method == http::Method::GET => {
                 ctx.kind = RequestKind::Models;
                 ctx.status = 200;
-                respond::json_with(session, 200, snap.models_body.clone(), &ctx.response_headers)
-                    .await?;
+                respond::json_with(
+                    session,
+                    200,
+                    snap.models_body.clone(),
+                    &ctx.response_headers,
+                )
+                .await?;
                 return Ok(true);
             }
             ApiPath::Call(_) | ApiPath::ListModels if snap.routes.route(&path).is_none() => {

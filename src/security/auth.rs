@@ -129,7 +129,10 @@ mod tests {
             headers(&[("authorization", "Basic YWxpY2U6eA==")]),
             headers(&[("x-api-key", "")]),
         ] {
-            assert!(matches!(a.authenticate(&h), Err(EdgeError::Unauthorized(_))));
+            assert!(matches!(
+                a.authenticate(&h),
+                Err(EdgeError::Unauthorized(_))
+            ));
         }
     }
 
@@ -141,7 +144,10 @@ mod tests {
             .unwrap();
         let allowed = k.and_then(|k| k.models.as_deref());
         assert!(check_model_of(allowed, "qwen").is_ok());
-        assert!(matches!(check_model_of(allowed, "gpt"), Err(EdgeError::Forbidden(_))));
+        assert!(matches!(
+            check_model_of(allowed, "gpt"),
+            Err(EdgeError::Forbidden(_))
+        ));
         assert!(check_model_of(None, "gpt").is_ok());
     }
 }

@@ -57,7 +57,10 @@ pub fn preflight(cors: &CorsSettings, headers: &HeaderMap) -> Result<Vec<HeaderP
     let mut out = vec![
         ("access-control-allow-origin", allow.to_string()),
         ("access-control-allow-methods", cors.allow_methods.clone()),
-        ("access-control-allow-headers", cors.allow_headers.join(", ")),
+        (
+            "access-control-allow-headers",
+            cors.allow_headers.join(", "),
+        ),
         ("access-control-max-age", cors.max_age.as_secs().to_string()),
         ("vary", "Origin".to_string()),
     ];
@@ -116,14 +119,22 @@ mod tests {
         let h = req(&[
             ("origin", "https://app.example.com"),
             ("access-control-request-method", "POST"),
-            ("access-control-request-headers", "Authorization, Content-Type"),
+            (
+                "access-control-request-headers",
+                "Authorization, Content-Type",
+            ),
         ]);
         assert!(is_preflight(&http::Method::OPTIONS, &h));
         let out = preflight(&settings(), &h).unwrap();
         let get = |k: &str| out.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("access-control-allow-origin"), Some("https://app.example.com"));
+        assert_eq!(
+            get("access-control-allow-origin"),
+            Some("https://app.example.com")
+        );
         assert_eq!(get("access-control-allow-credentials"), Some("true"));
-        assert!(get("access-control-allow-headers").unwrap().contains("authorization"));
+        assert!(get("access-control-allow-headers")
+            .unwrap()
+            .contains("authorization"));
     }
 
     #[test]

@@ -77,7 +77,10 @@ pub fn admit(state: &Arc<KeyUsage>, limit: &RateLimit) -> Result<Admitted, EdgeE
         let per_token = MINUTE_NS / tpm.max(1);
         let remaining = (MINUTE_NS - ahead) / per_token.max(1);
         headers.push(("x-ratelimit-limit-tokens", tpm.to_string()));
-        headers.push(("x-ratelimit-remaining-tokens", remaining.min(tpm).to_string()));
+        headers.push((
+            "x-ratelimit-remaining-tokens",
+            remaining.min(tpm).to_string(),
+        ));
         headers.push(("x-ratelimit-reset-tokens", reset_text(ahead)));
     }
     let mut rpm_charged = None;

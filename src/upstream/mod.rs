@@ -1,9 +1,9 @@
 //! Upstreams at run time: replicas behind pingora-load-balancing, credentials, DNS refresh.
 
 pub mod discovery;
+pub mod dns;
 pub mod egress;
 pub mod health;
-pub mod dns;
 pub mod keys;
 pub mod replica;
 
@@ -128,11 +128,7 @@ impl Upstream {
         let healthy = backends
             .iter()
             .filter(|b| self.lb.backends().ready(b))
-            .filter(|b| {
-                b.ext
-                    .get::<Arc<Replica>>()
-                    .is_some_and(|r| !r.is_ejected())
-            })
+            .filter(|b| b.ext.get::<Arc<Replica>>().is_some_and(|r| !r.is_ejected()))
             .count();
         (backends.len(), healthy)
     }
