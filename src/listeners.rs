@@ -1,25 +1,78 @@
 //! Adds the configured listeners to a Pingora service: plain HTTP/1.1, or TLS (rustls) with
-//! HTTP/2 and HTTP/1.1 negotiated by ALPN.
+//! HTTP/2 and HTTP/1.1 negotiated by ALPN. TLS certificates are served through a resolver that
+//! a reload refreshes from the same files, so a renewed certificate needs no restart.
 
-use crate::config::edge::Listener;
+use crate::config::edge::{Listener, TlsFiles};
+use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
 use pingora::services::listening::Service;
+use pingora::tls::sign::CertifiedKey;
+use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
+use std::sync::Arc;
 
-/// Adds one listener. TLS files were checked by config validation; a failure to load them
-/// here is a start-up error.
-pub fn add<A>(svc: &mut Service<A>, l: &Listener) {
+/// The certificate of one TLS listener, swappable at reload.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    files: TlsFiles,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ReloadableCert {
+    /// Loads the certificate chain and key.
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>, String> {
+        let key = read(files)?;
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            current: ArcSwap::from_pointee(key),
+        }))
+    }
+
+    /// Re-reads the files; on error the certificate in use stays.
+    pub fn reload(&self) -> Result<(), String> {
+        self.current.store(Arc::new(read(&self.files)?));
+        Ok(())
+    }
+
+    /// The certificate file, for logs.
+    pub fn cert_path(&self) -> String {
+        self.files.cert.display().to_string()
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn read(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
+    let (chain, private) = pingora::tls::load_certs_and_key_files(&cert, &key)
+        .map_err(|e| format!("{cert} / {key}: {e}"))?
+        .ok_or_else(|| format!("{cert} / {key}: no certificate or no private key found"))?;
+    pingora::tls::install_default_crypto_provider();
+    let provider = CryptoProvider::get_default()
+        .ok_or_else(|| "no rustls crypto provider installed".to_string())?;
+    let signing = provider
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| format!("{key}: {e}"))?;
+    Ok(CertifiedKey::new(chain, signing))
+}
+
+/// Adds one listener; `cert` is the loaded certificate of a TLS listener.
+pub fn add<A>(svc: &mut Service<A>, l: &Listener, cert: Option<Arc<ReloadableCert>>) {
     let addr = l.addr.to_string();
-    match &l.tls {
+    match cert {
         None => svc.add_tcp(&addr),
-        Some(t) => {
-            let (cert, key) = (t.cert.display().to_string(), t.key.display().to_string());
-            match TlsSettings::intermediate(&cert, &key) {
-                Ok(mut settings) => {
-                    settings.enable_h2();
-                    svc.add_tls_with_settings(&addr, None, settings);
-                }
-                Err(e) => tracing::error!("listener {addr}: TLS settings: {e}"),
-            }
+        Some(cert) => {
+            let Ok(mut settings) = TlsSettings::intermediate("", "") else {
+                tracing::error!("listener {addr}: TLS settings could not be created");
+                return;
+            };
+            settings.set_cert_resolver(cert);
+            settings.enable_h2();
+            svc.add_tls_with_settings(&addr, None, settings);
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     /// Access log writer (disabled when `access_log` is off).
     pub access_log: AccessLog,
+    /// Certificates of the TLS listeners (re-read on reload).
+    pub certs: Vec<Arc<crate::listeners::ReloadableCert>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -52,6 +54,7 @@ impl Runtime {
         ledger: Option<Arc<Ledger>>,
         config_path: Option<PathBuf>,
         access_log: AccessLog,
+        certs: Vec<Arc<crate::listeners::ReloadableCert>>,
     ) -> Arc<Self> {
         let clients = ClientUsage::default();
         let metrics = Metrics::new();
@@ -73,6 +76,7 @@ impl Runtime {
             in_flight: AtomicUsize::new(0),
             metrics,
             access_log,
+            certs,
             reload_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -123,6 +127,12 @@ impl Runtime {
             }
         }
         self.state.store(Arc::new(snap));
+        for c in &self.certs {
+            match c.reload() {
+                Ok(()) => tracing::info!("reload: certificate {} re-read", c.cert_path()),
+                Err(e) => tracing::error!("reload: keeping the current certificate: {e}"),
+            }
+        }
         for what in &needs_restart {
             tracing::warn!("reload: {what} changed; it takes effect at the next restart");
         }

@@ -108,6 +108,17 @@ impl EdgeServer {
             tracing::warn!("config: {w}");
         }
         let listen = cfg.listen.clone();
+        let mut certs = Vec::new();
+        for l in &listen {
+            let cert = match &l.tls {
+                Some(files) => match crate::listeners::ReloadableCert::load(files) {
+                    Ok(c) => Some(c),
+                    Err(e) => panic!("listener {}: {e}", l.addr),
+                },
+                None => None,
+            };
+            certs.push(cert);
+        }
         let admin_addr = cfg.admin.listen;
         let demo = cfg.demo_upstream;
         let rt = Runtime::new(
@@ -116,6 +127,7 @@ impl EdgeServer {
             ledger.clone(),
             opts.config_path.clone(),
             access_log,
+            certs.iter().flatten().cloned().collect(),
         );
 
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -123,8 +135,8 @@ impl EdgeServer {
             EdgeProxy::new(rt.clone()),
             "llm-edge proxy",
         );
-        for l in &listen {
-            crate::listeners::add(&mut proxy, l);
+        for (l, cert) in listen.iter().zip(certs) {
+            crate::listeners::add(&mut proxy, l, cert);
         }
         server.add_service(proxy);
 
