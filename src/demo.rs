@@ -20,11 +20,7 @@ async fn write(
     ctype: &str,
     body: Bytes,
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(2))?;
-    resp.insert_header("content-type", ctype)?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    crate::proxy::respond::text(session, status, ctype, body).await
 }
 
 fn model_of(body: &[u8]) -> String {

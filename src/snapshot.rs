@@ -64,7 +64,11 @@ impl Snapshot {
         let dns = Arc::new(Dns::with_settings(cfg.dns.clone()));
         let egress = Arc::new(EgressPolicy::new(
             cfg.egress_allow.clone(),
-            cfg.listen.iter().map(|l| l.addr).collect(),
+            cfg.listen
+                .iter()
+                .map(|l| l.addr)
+                .chain(std::iter::once(cfg.admin.listen))
+                .collect(),
         ));
         let upstreams = cfg
             .upstreams

@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod harness;
+pub mod logs;
 pub mod mock;
 
 use std::future::Future;
