@@ -46,7 +46,10 @@ impl ResolvesServerCert for ReloadableCert {
 }
 
 fn read(files: &TlsFiles) -> Result<CertifiedKey, String> {
-    let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
+    let (cert, key) = (
+        files.cert.display().to_string(),
+        files.key.display().to_string(),
+    );
     let (chain, private) = pingora::tls::load_certs_and_key_files(&cert, &key)
         .map_err(|e| format!("{cert} / {key}: {e}"))?
         .ok_or_else(|| format!("{cert} / {key}: no certificate or no private key found"))?;

@@ -181,13 +181,12 @@ pub async fn handle(
     ctx.api = Some(api);
     let body = read_body(session, &snap.cfg.limits).await?;
     let traced = tracer.wants(meta.has_metadata());
-    // Usage is observed when the ledger or a tokens-per-minute limit needs it.
-    let tpm = ctx.client.as_ref().is_some_and(|c| c.limit.tpm.is_some());
     // Held until the record is queued, so a flush waits for this call.
     let _ticket = traced.then(|| tracer.begin());
     let timestamp = unix_now();
-    let mut obs = (traced || ledger.is_some() || tpm)
-        .then(|| Observer::new(flavor_of(api), ctx.started, traced, ledger.is_some() || tpm));
+    // Usage is always observed (a byte scan; the token metrics, the access log, the ledger and
+    // tokens-per-minute limits use it); the full accumulation only for traced calls.
+    let mut obs = Some(Observer::new(flavor_of(api), ctx.started, traced, true));
     let result = route_and_forward(
         session,
         connector,

@@ -92,7 +92,11 @@ pub fn finish(rt: &Runtime, session: &Session, ctx: &RequestCtx) {
     let path = match (&ctx.path_meta, req.uri.query()) {
         (Some(meta), Some(q)) => format!("{}?{q}", meta.path),
         (Some(meta), None) => meta.path.clone(),
-        (None, _) => req.uri.path().to_string(),
+        (None, _) => req
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
     };
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     rt.access_log.log(AccessRecord {

@@ -150,6 +150,7 @@ impl ProxyHttp for EdgeProxy {
             }
             ApiPath::ListModels if method == http::Method::GET => {
                 ctx.kind = RequestKind::Models;
+                ctx.path_meta = Some(meta);
                 ctx.status = 200;
                 respond::json_with(
                     session,
@@ -161,6 +162,7 @@ impl ProxyHttp for EdgeProxy {
                 return Ok(true);
             }
             ApiPath::Call(_) | ApiPath::ListModels if snap.routes.route(&path).is_none() => {
+                ctx.path_meta = Some(meta);
                 Err(EdgeError::MethodNotAllowed(method.to_string()))
             }
             _ => match passthrough::plan(&snap, &path_and_query) {
@@ -171,7 +173,10 @@ impl ProxyHttp for EdgeProxy {
                     ctx.path_meta = Some(meta);
                     return Ok(false);
                 }
-                None => Err(EdgeError::UnknownPath(path)),
+                None => {
+                    ctx.path_meta = Some(meta);
+                    Err(EdgeError::UnknownPath(path))
+                }
             },
         };
         match result {
