@@ -78,7 +78,7 @@ async fn hostname_resolving_to_loopback_is_refused_without_allow_private() {
     assert!(wait_until(Duration::from_secs(5), || dns.queries(HOST) > 0).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let resp = chat(&proxy).await;
-    assert_error(resp, 502, "upstream_unreachable").await;
+    assert_error(resp, 502, "egress_refused").await;
     assert_eq!(mock.accepted(), 0, "the refused address was never dialled");
     let refused = metric(
         &proxy,
@@ -153,7 +153,7 @@ async fn egress_allow_cidrs_admits_a_range_and_a_flipped_answer_is_refused() {
     assert!(refused, "the flipped answer is refused after re-resolution");
     let after_flip = mock.requests().len();
     let resp = chat(&proxy).await;
-    assert_error(resp, 502, "upstream_unreachable").await;
+    assert_error(resp, 502, "egress_refused").await;
     assert_eq!(
         mock.requests().len(),
         after_flip,

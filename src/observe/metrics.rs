@@ -59,7 +59,7 @@ impl RequestKind {
     }
 }
 
-/// Why a retry (same upstream, other key or replica) or a failover (next upstream) happened.
+/// Why a retry (another attempt) or a failover (another attempt on a different replica) happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryReason {
     /// 429 from the upstream.
@@ -371,13 +371,13 @@ impl Metrics {
             retries: counter_vec(
                 &r,
                 "llm_edge_upstream_retries_total",
-                "Retries on the same upstream (another key or replica), by cause.",
+                "Extra attempts of a call after a failed one (any key or replica), by cause.",
                 &["upstream", "reason"],
             ),
             failovers: counter_vec(
                 &r,
                 "llm_edge_upstream_failovers_total",
-                "Failovers away from an upstream to the next one, by cause.",
+                "Extra attempts that moved to a different replica than the failed one, by cause.",
                 &["upstream", "reason"],
             ),
             key_state: gauge_vec(
@@ -580,7 +580,7 @@ impl Metrics {
         }
     }
 
-    /// Counts a failover away from `upstream` (the configured name it failed over from).
+    /// Counts an attempt that moved to a different replica of `upstream`.
     pub fn count_failover(&self, upstream: &str, reason: RetryReason) {
         if let Some(c) = counter(&self.failovers, &[upstream, reason.as_str()]) {
             c.inc();

@@ -97,10 +97,17 @@ pub async fn forward(
     let mut tried_keys: Vec<usize> = Vec::new();
     let mut soft_keys: Vec<usize> = Vec::new();
     let mut held: Option<Held> = None;
-    let mut last_err = EdgeError::UpstreamUnreachable(format!(
-        "upstream {:?} has no resolved replica",
-        up.cfg.name
-    ));
+    let mut last_err = if up.replica_count() == 0 && up.egress_refused() > 0 {
+        EdgeError::EgressRefused(format!(
+            "every address upstream {:?} resolved to is refused by the egress policy",
+            up.cfg.name
+        ))
+    } else {
+        EdgeError::UpstreamUnreachable(format!(
+            "upstream {:?} has no resolved replica",
+            up.cfg.name
+        ))
+    };
     let mut attempt = 0;
     // Why the previous attempt failed, and where it went (metrics: retries and failovers).
     let mut retry_reason: Option<RetryReason> = None;
@@ -247,7 +254,7 @@ pub async fn forward(
                     tried_keys.push(l.index);
                 } else if key_refused {
                     if up.keys.on_auth_failure(l.index, status) {
-                        tracing::warn!(upstream = %up.cfg.name, key = %l.key().id, status, "upstream refused the key; it is excluded until reload or reset");
+                        tracing::warn!(upstream = %up.cfg.name, key = %l.key().id, status, "upstream refused the key; it is excluded until reset (or a reload that changes its secret)");
                     }
                     tried_keys.push(l.index);
                 } else {

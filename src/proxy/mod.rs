@@ -217,13 +217,15 @@ impl ProxyHttp for EdgeProxy {
             return Error::e_explain(ErrorType::InternalError, "no pass-through route decided");
         };
         let Some(replica) = pt.upstream.select_replica(&pt.tried, None) else {
-            return Error::e_explain(
+            // An upstream fault (502), not ours.
+            return Err(Error::explain(
                 ErrorType::ConnectNoRoute,
                 format!(
                     "upstream {:?} has no available replica",
                     pt.upstream.cfg.name
                 ),
-            );
+            )
+            .into_up());
         };
         if let Some(a) = replica.peer._address.as_inet() {
             pt.tried.push(*a);

@@ -19,6 +19,8 @@ pub struct EndpointDiscovery {
     dns: Arc<Dns>,
     egress: Arc<super::egress::EgressPolicy>,
     on_refusal: RefusalHook,
+    /// Addresses refused by the egress policy at the last resolution.
+    pub refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Called for every resolved address the egress policy refuses (metrics).
@@ -39,6 +41,7 @@ impl EndpointDiscovery {
             dns,
             egress,
             on_refusal,
+            refused: Arc::default(),
         }
     }
 
@@ -69,6 +72,7 @@ impl EndpointDiscovery {
 impl ServiceDiscovery for EndpointDiscovery {
     async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
         let mut set = self.literal_backends();
+        let mut refused = 0;
         for ep in &self.endpoints {
             if ep.literal_ip.is_some() {
                 continue;
@@ -84,6 +88,7 @@ impl ServiceDiscovery for EndpointDiscovery {
                                 set.insert(self.backend(ep, addr));
                             }
                             Err(refusal) => {
+                                refused += 1;
                                 (self.on_refusal)(&self.cfg.name, &refusal);
                                 tracing::warn!(upstream = %self.cfg.name, endpoint = %ep.url, "{refusal}");
                             }
@@ -94,6 +99,8 @@ impl ServiceDiscovery for EndpointDiscovery {
                 Err(why) => tracing::warn!(upstream = %self.cfg.name, endpoint = %ep.url, "{why}"),
             }
         }
+        self.refused
+            .store(refused, std::sync::atomic::Ordering::Relaxed);
         Ok((set, HashMap::new()))
     }
 }

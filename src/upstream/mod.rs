@@ -29,6 +29,8 @@ pub struct Upstream {
     pub lb: LoadBalancer<RoundRobin>,
     /// Credentials.
     pub keys: KeyPool,
+    /// Resolved addresses the egress policy refused at the last resolution.
+    refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -43,6 +45,7 @@ impl Upstream {
     ) -> Self {
         let cfg = Arc::new(cfg);
         let discovery = EndpointDiscovery::new(cfg.clone(), dns, egress, on_refusal);
+        let refused = discovery.refused.clone();
         let all_literal = cfg.endpoints.iter().all(|e| e.literal_ip.is_some());
         let mut lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
         if let (Some(hc), Some(ep)) = (cfg.health_check.as_ref(), cfg.endpoints.first()) {
@@ -61,7 +64,12 @@ impl Upstream {
             cfg.max_cooldown,
             carried,
         );
-        Self { cfg, lb, keys }
+        Self {
+            cfg,
+            lb,
+            keys,
+            refused,
+        }
     }
 
     /// Re-runs discovery (DNS) and rebuilds the selector when the addresses changed.
@@ -69,6 +77,11 @@ impl Upstream {
         if let Err(e) = self.lb.update().await {
             tracing::warn!(upstream = %self.cfg.name, "refreshing replicas failed: {e}");
         }
+    }
+
+    /// How many resolved addresses the egress policy refused at the last resolution.
+    pub fn egress_refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether any endpoint needs DNS.
