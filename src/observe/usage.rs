@@ -11,6 +11,9 @@ const MAX_EVENT: usize = 1 << 20;
 const CARRY: usize = 16;
 /// Longest usage object kept while it is incomplete.
 const USAGE_CAP: usize = 8 << 10;
+/// Bytes of a new chunk joined to the carried tail when looking for a split key (the key, the
+/// colon, whitespace and the opening brace).
+const JOINT: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 struct Details {
@@ -145,18 +148,44 @@ impl UsageScanner {
                 self.capture = cap;
             }
         }
-        let mut hay = std::mem::take(&mut self.buf);
-        hay.extend_from_slice(chunk);
-        if let Some(at) = find_usage_object(&hay) {
-            let end = (at + USAGE_CAP).min(hay.len());
-            let cap = hay[at..end].to_vec();
+        // A key split across the previous chunk and this one: search the carried tail joined
+        // with the start of this chunk, for matches that begin in the tail. The chunk itself
+        // is searched in place (no copy of the body: this runs on every API response).
+        if !self.buf.is_empty() {
+            let tail = self.buf.len();
+            let mut joint = std::mem::take(&mut self.buf);
+            joint.extend_from_slice(&chunk[..chunk.len().min(JOINT)]);
+            if let Some(at) = find_usage_object(&joint).filter(|&at| at < tail) {
+                let mut cap = joint[at..tail].to_vec();
+                let room = USAGE_CAP.saturating_sub(cap.len());
+                cap.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if !self.try_take(&cap) {
+                    self.capture = cap;
+                }
+            }
+            if chunk.len() < CARRY {
+                // Small chunks: the carried window rolls over the joined bytes.
+                let drop = joint.len().saturating_sub(CARRY);
+                joint.drain(..drop);
+                self.buf = joint;
+            } else {
+                joint.clear();
+                self.buf = joint;
+            }
+        }
+        if let Some(at) = find_usage_object(chunk) {
+            let end = (at + USAGE_CAP).min(chunk.len());
+            let cap = chunk[at..end].to_vec();
             if !self.try_take(&cap) {
                 self.capture = cap;
             }
         }
         // Carry the last bytes so a key split across two chunks is still found.
-        let keep = hay.len().min(CARRY);
-        self.buf = hay[hay.len() - keep..].to_vec();
+        if chunk.len() >= CARRY || self.buf.is_empty() {
+            let keep = chunk.len().min(CARRY);
+            self.buf.clear();
+            self.buf.extend_from_slice(&chunk[chunk.len() - keep..]);
+        }
     }
 
     /// Parses a usage object starting at `"usage"` in `cap`; true when it did.
@@ -257,5 +286,14 @@ mod tests {
         assert_eq!((u.prompt, u.completion, u.total), (40, 0, 40));
         assert!(scan(false, b"{\"x\":1}", 3).is_none());
         assert!(scan(true, b"data: {\"usage\":null}\n\n", 3).is_none());
+    }
+
+    #[test]
+    fn json_usage_is_found_whatever_the_chunking() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage" : {"prompt_tokens":7,"completion_tokens":2,"total_tokens":9},"prompt_token_ids":[1,2,3]}"#;
+        for c in 1..body.len() {
+            let u = scan(false, body, c).unwrap_or_else(|| panic!("chunks of {c}"));
+            assert_eq!((u.prompt, u.completion, u.total), (7, 2, 9), "chunks of {c}");
+        }
     }
 }
