@@ -68,6 +68,7 @@ impl ShutdownSignalWatch for StopWatch {
 struct TlsProxy {
     plain: SocketAddr,
     tls: SocketAddr,
+    admin: SocketAddr,
     cert_pem: String,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -88,11 +89,18 @@ impl TlsProxy {
         );
         let cfg = llm_edge::config::from_yaml_str(&text, &|_| None)
             .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        // Written out too, so `POST /admin/reload` has a file to re-read.
+        let file = dir.join("llm-edge.yaml");
+        std::fs::write(&file, &text).expect("write the config file");
         let (stop, rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name(format!("llm-edge-tls-{tls_port}"))
             .spawn(move || {
-                EdgeServer::build(cfg, RunOptions::default()).run(RunArgs {
+                let opts = RunOptions {
+                    config_path: Some(file),
+                    ..RunOptions::default()
+                };
+                EdgeServer::build(cfg, opts).run(RunArgs {
                     shutdown_signal: Box::new(StopWatch(rx)),
                 });
             })
@@ -100,6 +108,7 @@ impl TlsProxy {
         let me = Self {
             plain: SocketAddr::from(([127, 0, 0, 1], plain_port)),
             tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             cert_pem: certs.cert_pem,
             stop,
             thread: Some(thread),
@@ -141,7 +150,12 @@ impl TlsProxy {
     /// A client trusting only the test certificate, with `localhost` pinned to the TLS
     /// listener; HTTP/2 or HTTP/1.1 by ALPN unless `h1_only`.
     fn https_client(&self, h1_only: bool) -> reqwest::Client {
-        let root = reqwest::Certificate::from_pem(self.cert_pem.as_bytes()).expect("test cert");
+        self.https_client_trusting(&self.cert_pem, h1_only)
+    }
+
+    /// Like [`TlsProxy::https_client`], trusting `cert_pem` only.
+    fn https_client_trusting(&self, cert_pem: &str, h1_only: bool) -> reqwest::Client {
+        let root = reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("test cert");
         let mut b = reqwest::Client::builder()
             .no_proxy()
             .tls_built_in_root_certs(false)
@@ -356,4 +370,43 @@ async fn upstream_sees_forwarded_proto_https() {
         [vec!["https"], vec!["https"], vec!["http"]],
         "x-forwarded-proto for h2 over TLS, h1 over TLS, then plain http"
     );
+}
+
+/// A renewed certificate written over the same files is served after a reload, without a
+/// restart; connections made before keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_serves_a_renewed_certificate() {
+    let mock = Mock::start(upstream(Vec::new()));
+    let dir = TempDir::new("tls-reload");
+    let proxy = TlsProxy::start(&dir, &config(&mock.url()));
+    let old_client = proxy.https_client(false);
+    let resp = post_chat(&old_client, proxy.https_url(CHAT), CHAT_BODY).await;
+    assert_eq!(resp.status(), 200);
+
+    let renewed = SelfSigned::write_to(&dir);
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/admin/reload", proxy.admin))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+
+    // A new connection trusting only the renewed certificate succeeds…
+    let new_client = proxy.https_client_trusting(&renewed.cert_pem, false);
+    let resp = post_chat(&new_client, proxy.https_url(CHAT), CHAT_BODY).await;
+    assert_eq!(resp.status(), 200);
+    // …and one trusting only the old certificate is refused in the handshake.
+    let stale = proxy.https_client_trusting(&proxy.cert_pem, false);
+    let err = stale
+        .post(proxy.https_url(CHAT))
+        .header("content-type", "application/json")
+        .body(CHAT_BODY)
+        .send()
+        .await;
+    assert!(err.is_err(), "the old certificate is no longer served");
 }
