@@ -293,7 +293,11 @@ mod tests {
         let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage" : {"prompt_tokens":7,"completion_tokens":2,"total_tokens":9},"prompt_token_ids":[1,2,3]}"#;
         for c in 1..body.len() {
             let u = scan(false, body, c).unwrap_or_else(|| panic!("chunks of {c}"));
-            assert_eq!((u.prompt, u.completion, u.total), (7, 2, 9), "chunks of {c}");
+            assert_eq!(
+                (u.prompt, u.completion, u.total),
+                (7, 2, 9),
+                "chunks of {c}"
+            );
         }
     }
 }
