@@ -6,6 +6,7 @@ use crate::config::Limits;
 use crate::error::EdgeError;
 use crate::security::{client_addr, rate};
 use crate::snapshot::Snapshot;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
@@ -66,14 +67,16 @@ pub fn client_address(
     tls: bool,
     ctx: &mut RequestCtx,
 ) {
+    let id = HeaderValue::from_str(&ctx.request_id)
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     let Some(peer) = peer else {
-        ctx.upstream_headers
-            .push(("x-request-id", ctx.request_id.clone()));
+        ctx.upstream_headers.push((X_REQUEST_ID, id));
         return;
     };
     let nets = &snap.cfg.trusted_proxies;
     let client = client_addr::real_client(peer, &req.headers, nets);
     ctx.client_addr = Some(client);
+    ctx.upstream_headers.reserve_exact(5);
     ctx.upstream_headers.extend(client_addr::upstream_headers(
         peer,
         client,
@@ -81,9 +84,10 @@ pub fn client_address(
         nets,
         tls,
     ));
-    ctx.upstream_headers
-        .push(("x-request-id", ctx.request_id.clone()));
+    ctx.upstream_headers.push((X_REQUEST_ID, id));
 }
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Authenticates the client and charges its rate limits (401, 429).
 pub fn admit_client(

@@ -57,7 +57,7 @@ pub fn upstream_api_request(
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
     body_len: usize,
-    ours: &[(&'static str, String)],
+    ours: &[(HeaderName, http::HeaderValue)],
 ) -> pingora::Result<RequestHeader> {
     let path = format!("{}{}", endpoint.base_path, path_and_query);
     let mut req = RequestHeader::build(
@@ -79,7 +79,7 @@ pub fn upstream_api_request(
         req.append_header(name.clone(), value.clone())?;
     }
     for (k, v) in ours {
-        req.insert_header(*k, v.as_str())?;
+        req.insert_header(k.clone(), v.clone())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
@@ -96,7 +96,7 @@ pub fn rewrite_passthrough_request(
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
-    ours: &[(&'static str, String)],
+    ours: &[(HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
     let path = format!("{}{}", endpoint.base_path, path_and_query);
     let uri: http::Uri = path.parse().map_err(|e| {
@@ -111,7 +111,7 @@ pub fn rewrite_passthrough_request(
         req.remove_header(*c);
     }
     for (k, v) in ours {
-        req.insert_header(*k, v.as_str())?;
+        req.insert_header(k.clone(), v.clone())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     if let Some(k) = key {

@@ -1,6 +1,7 @@
 //! The real client address and the forwarding headers sent upstream. Incoming forwarding
 //! headers are believed only from `trusted_proxies`; from anyone else they are replaced.
 
+use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 use std::net::IpAddr;
 
@@ -53,6 +54,38 @@ pub fn real_client(peer: IpAddr, headers: &http::HeaderMap, nets: &[IpNet]) -> I
         .unwrap_or(peer)
 }
 
+/// `X-Forwarded-For` toward upstreams.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Real-IP` toward upstreams.
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Forwarded-Proto` toward upstreams.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `Forwarded` (RFC 7239) toward upstreams.
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// A header value formatted on the stack (this runs for every request; one allocation per
+/// value instead of a `String` and a copy).
+fn value(args: std::fmt::Arguments<'_>) -> HeaderValue {
+    struct Buf([u8; 96], usize);
+    impl std::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let end = self.1 + s.len();
+            let dst = self.0.get_mut(self.1..end).ok_or(std::fmt::Error)?;
+            dst.copy_from_slice(s.as_bytes());
+            self.1 = end;
+            Ok(())
+        }
+    }
+    let mut b = Buf([0; 96], 0);
+    let text = if std::fmt::write(&mut b, args).is_ok() {
+        HeaderValue::from_bytes(&b.0[..b.1])
+    } else {
+        HeaderValue::from_str(&args.to_string())
+    };
+    // Addresses and the fixed words are always valid header bytes.
+    text.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto` and `Forwarded` values to send upstream.
 pub fn upstream_headers(
     peer: IpAddr,
@@ -60,10 +93,13 @@ pub fn upstream_headers(
     headers: &http::HeaderMap,
     nets: &[IpNet],
     tls: bool,
-) -> [(&'static str, String); 4] {
+) -> [(HeaderName, HeaderValue); 4] {
     let peer = canonical(peer);
     let from_trusted = trusted(peer, nets);
-    let joined = |name: &str| -> Option<String> {
+    let joined = |name: &HeaderName| -> Option<String> {
+        if !headers.contains_key(name) {
+            return None;
+        }
         let parts: Vec<&str> = headers
             .get_all(name)
             .iter()
@@ -71,24 +107,32 @@ pub fn upstream_headers(
             .collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     };
-    let xff = match joined("x-forwarded-for").filter(|_| from_trusted) {
-        Some(prev) => format!("{prev}, {peer}"),
-        None => peer.to_string(),
+    let prev_xff = if from_trusted {
+        joined(&X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    let xff = match prev_xff {
+        Some(prev) => value(format_args!("{prev}, {peer}")),
+        None => value(format_args!("{peer}")),
     };
     let proto = if tls { "https" } else { "http" };
-    let node = match peer {
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
-        IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+    let prev_fwd = if from_trusted {
+        joined(&FORWARDED)
+    } else {
+        None
     };
-    let forwarded = match joined("forwarded").filter(|_| from_trusted) {
-        Some(prev) => format!("{prev}, {node}"),
-        None => node,
+    let forwarded = match (peer, prev_fwd) {
+        (IpAddr::V6(v6), Some(prev)) => value(format_args!("{prev}, for=\"[{v6}]\";proto={proto}")),
+        (IpAddr::V6(v6), None) => value(format_args!("for=\"[{v6}]\";proto={proto}")),
+        (IpAddr::V4(v4), Some(prev)) => value(format_args!("{prev}, for={v4};proto={proto}")),
+        (IpAddr::V4(v4), None) => value(format_args!("for={v4};proto={proto}")),
     };
     [
-        ("x-forwarded-for", xff),
-        ("x-real-ip", client.to_string()),
-        ("x-forwarded-proto", proto.to_string()),
-        ("forwarded", forwarded),
+        (X_FORWARDED_FOR, xff),
+        (X_REAL_IP, value(format_args!("{client}"))),
+        (X_FORWARDED_PROTO, HeaderValue::from_static(proto)),
+        (FORWARDED, forwarded),
     ]
 }
 
@@ -110,6 +154,8 @@ mod tests {
         let out = upstream_headers(peer, peer, &h("1.2.3.4"), &nets, false);
         assert_eq!(out[0].1, "203.0.113.9");
         assert_eq!(out[3].1, "for=203.0.113.9;proto=http");
+        let v6 = upstream_headers("2001:db8::1".parse().unwrap(), peer, &h("x"), &nets, false);
+        assert_eq!(v6[3].1, "for=\"[2001:db8::1]\";proto=http");
     }
 
     #[test]
