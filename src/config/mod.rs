@@ -329,7 +329,8 @@ pub fn from_yaml_str(
     let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        if path.is_empty() || path == "." {
+        if path.is_empty() || path == "." || inner.starts_with(&format!("{path}:")) {
+            // serde_yaml already names the path in some messages.
             ConfigError::one(inner)
         } else {
             ConfigError::one(format!("{path}: {inner}"))

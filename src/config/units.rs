@@ -34,7 +34,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} is too large"))
 }
 
 /// Parses `32MiB`, `64KiB`, `1GiB`, `10MB`, `10KB`, `512B` or a bare number of bytes.
@@ -76,7 +76,9 @@ impl Visitor<'_> for DurationVisitor {
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
         if v.is_finite() && v >= 0.0 {
-            Ok(HumanDuration(Duration::from_secs_f64(v)))
+            Duration::try_from_secs_f64(v)
+                .map(HumanDuration)
+                .map_err(|_| E::custom("the duration is too large"))
         } else {
             Err(E::custom("a duration must be a non-negative number"))
         }

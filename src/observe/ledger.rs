@@ -216,10 +216,10 @@ impl Ledger {
                 c.streamed += 1;
             }
             if let Some(t) = call.tokens {
-                c.prompt_tokens += t.prompt;
-                c.completion_tokens += t.completion;
-                c.total_tokens += t.total;
-                c.cached_tokens += t.cached.unwrap_or(0);
+                c.prompt_tokens = c.prompt_tokens.saturating_add(t.prompt);
+                c.completion_tokens = c.completion_tokens.saturating_add(t.completion);
+                c.total_tokens = c.total_tokens.saturating_add(t.total);
+                c.cached_tokens = c.cached_tokens.saturating_add(t.cached.unwrap_or(0));
             }
         }
         self.inner.dirty.store(true, Ordering::Release);

@@ -62,6 +62,10 @@ fn event_end(b: &[u8]) -> Option<(usize, usize)> {
         {
             return Some((i, 4));
         }
+        // CR-only line ends (legal SSE).
+        if b[i] == b'\r' && b[i + 1] == b'\r' {
+            return Some((i, 2));
+        }
         i += 1;
     }
     None
@@ -216,17 +220,17 @@ impl UsageScanner {
         let prompt = match (u.prompt_tokens, u.input_tokens) {
             (Some(p), _) => p,
             // Anthropic: input excludes cache reads/writes; message_delta may omit it.
-            (None, Some(i)) => {
-                i + u.cache_read_input_tokens.unwrap_or(0)
-                    + u.cache_creation_input_tokens.unwrap_or(0)
-            }
+            (None, Some(i)) => i
+                .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
+                .saturating_add(u.cache_creation_input_tokens.unwrap_or(0)),
             (None, None) => prev.prompt,
         };
         let completion = u
             .completion_tokens
             .or(u.output_tokens)
             .unwrap_or(prev.completion);
-        let total = u.total_tokens.unwrap_or(prompt + completion);
+        // Saturating: the counts are the upstream's, and may be anything.
+        let total = u.total_tokens.unwrap_or(prompt.saturating_add(completion));
         self.usage = Some(Tokens {
             prompt,
             completion,

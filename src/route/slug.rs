@@ -74,7 +74,10 @@ pub fn encode_slug(meta: &Map<String, Value>) -> String {
 fn slug_of(segment: &str) -> Option<&str> {
     let prefix_len = if segment.starts_with("rllm1:") {
         6
-    } else if segment.len() >= 8 && segment[..8].eq_ignore_ascii_case("rllm1%3a") {
+    } else if segment
+        .get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("rllm1%3a"))
+    {
         8
     } else {
         return None;

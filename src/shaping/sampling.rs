@@ -179,8 +179,19 @@ pub fn plan<'a>(top: &TopLevel<'_>, policy: &'a Policy, inject: bool) -> Planned
             }
             (Some(sub), action) => {
                 // One level down: parse only this (small) object, never the rest of the body.
-                let mut obj: Map<String, Value> = match existing {
-                    Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+                // A rule on another key of the same object (`stream_options.a` after
+                // `stream_options.b`) builds on the text already planned and replaces that
+                // edit: two edits of one key would leave only the last.
+                let planned = out
+                    .edits
+                    .iter()
+                    .position(|e| matches!(e, Edit::Set(k, _) if *k == field.top));
+                let base = match planned.map(|i| &out.edits[i]) {
+                    Some(Edit::Set(_, text)) => Some(text.as_ref()),
+                    _ => existing.map(|raw| raw.get()),
+                };
+                let mut obj: Map<String, Value> = match base {
+                    Some(raw) => match serde_json::from_str::<Value>(raw) {
                         Ok(Value::Object(m)) => m,
                         // Not an object: leave the client's value alone.
                         _ => continue,
@@ -201,8 +212,11 @@ pub fn plan<'a>(top: &TopLevel<'_>, policy: &'a Policy, inject: bool) -> Planned
                         }
                     }
                 }
-                let text = Value::Object(obj).to_string();
-                out.edits.push(Edit::Set(&field.top, Cow::Owned(text)));
+                let edit = Edit::Set(&field.top, Cow::Owned(Value::Object(obj).to_string()));
+                match planned {
+                    Some(i) => out.edits[i] = edit,
+                    None => out.edits.push(edit),
+                }
             }
         }
     }

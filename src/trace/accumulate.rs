@@ -454,7 +454,8 @@ fn openai_usage(u: &Value) -> Tokens {
     let completion = u64_at(u, "completion_tokens")
         .or_else(|| u64_at(u, "output_tokens"))
         .unwrap_or(0);
-    let total = u64_at(u, "total_tokens").unwrap_or(prompt + completion);
+    // Saturating: the counts are the upstream's, and may be anything.
+    let total = u64_at(u, "total_tokens").unwrap_or(prompt.saturating_add(completion));
     let cached = u
         .get("prompt_tokens_details")
         .and_then(|d| u64_at(d, "cached_tokens"))
@@ -476,14 +477,16 @@ fn anthropic_usage(u: &Value, prev: Option<Tokens>) -> Tokens {
     let cache_write = u64_at(u, "cache_creation_input_tokens");
     let input = u64_at(u, "input_tokens");
     let prompt = match input {
-        Some(i) => i + cache_read.unwrap_or(0) + cache_write.unwrap_or(0),
+        Some(i) => i
+            .saturating_add(cache_read.unwrap_or(0))
+            .saturating_add(cache_write.unwrap_or(0)),
         None => prev.prompt,
     };
     let completion = u64_at(u, "output_tokens").unwrap_or(prev.completion);
     Tokens {
         prompt,
         completion,
-        total: prompt + completion,
+        total: prompt.saturating_add(completion),
         cached: cache_read.or(prev.cached),
     }
 }
