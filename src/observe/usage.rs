@@ -123,17 +123,27 @@ impl UsageScanner {
             self.feed_json(chunk);
             return;
         }
-        self.buf.extend_from_slice(chunk);
+        // Hot path (every streamed chunk): complete events are scanned where they are; only
+        // an unfinished event is copied and kept for the next chunk.
+        let pending = std::mem::take(&mut self.buf);
+        let joined;
+        let data: &[u8] = if pending.is_empty() {
+            chunk
+        } else {
+            let mut p = pending;
+            p.extend_from_slice(chunk);
+            joined = p;
+            &joined
+        };
         let mut start = 0;
-        while let Some((rel, sep)) = event_end(&self.buf[start..]) {
+        while let Some((rel, sep)) = event_end(&data[start..]) {
             let end = start + rel;
-            if let Some(at) = find_usage_object(&self.buf[start..end]) {
-                let event = self.buf[start..end].to_vec();
-                self.take(&event, at);
+            if let Some(at) = find_usage_object(&data[start..end]) {
+                self.take(&data[start..end], at);
             }
             start = end + sep;
         }
-        self.buf.drain(..start);
+        self.buf.extend_from_slice(&data[start..]);
         if self.buf.len() > MAX_EVENT {
             self.buf.clear();
         }
