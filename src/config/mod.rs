@@ -549,11 +549,14 @@ pub fn validate(
         }
     }
 
-    if raw
-        .usage
-        .as_ref()
-        .is_some_and(|u| u.inject_include_usage.unwrap_or(true))
-    {
+    // Tokens-per-minute limits are charged from observed usage, so they need it as much as the
+    // ledger does (`usage.inject_include_usage: false` still turns the injection off).
+    let tpm_limits = auth.keys.iter().any(|k| k.rate_limit.tpm.is_some());
+    let inject_usage = match raw.usage.as_ref() {
+        Some(u) => u.inject_include_usage.unwrap_or(true),
+        None => tpm_limits,
+    };
+    if inject_usage {
         // Streams only report usage when asked: ask, unless the policy says otherwise.
         let field = FieldPath {
             top: "stream_options".into(),
@@ -1032,5 +1035,21 @@ upstreams:
         assert!(e.literal_ip.is_some());
         assert!(parse_endpoint("http://user:pw@host").is_err());
         assert!(parse_endpoint("localhost:80").is_err());
+    }
+
+    #[test]
+    fn tpm_limits_ask_streams_for_usage() {
+        let text = |tpm: &str| {
+            format!(
+                "auth: {{keys: [{{id: a, key: client-key-1, rate_limit: {{{tpm}}}}}]}}\nupstreams: {{v: {{kind: vllm, endpoints: ['http://127.0.0.1:1']}}}}\nmodels: [{{name: q, upstream: v}}]\n"
+            )
+        };
+        let with = from_yaml_str(&text("tpm: 1000"), &env).unwrap();
+        assert!(
+            with.models[0].usage_injected,
+            "a TPM limit needs stream usage"
+        );
+        let without = from_yaml_str(&text("rpm: 10"), &env).unwrap();
+        assert!(!without.models[0].usage_injected);
     }
 }
