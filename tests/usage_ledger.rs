@@ -1226,7 +1226,11 @@ impl EdgeProcess {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        while std::net::TcpStream::connect_timeout(&addr, ms(100)).is_err() {
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+        // The admin listener is a separate service: wait for both.
+        while std::net::TcpStream::connect_timeout(&addr, ms(100)).is_err()
+            || std::net::TcpStream::connect_timeout(&admin, ms(100)).is_err()
+        {
             if let Some(status) = me.child.try_wait().unwrap() {
                 panic!(
                     "llm-edge exited during start-up ({status}):\n{}",
