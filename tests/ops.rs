@@ -7,9 +7,8 @@
 
 mod common;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use common::harness::{free_port, Proxy, TempDir};
+use common::harness::{free_port, Proxy, StopWatch, TempDir};
 use common::mock::{Mock, Recorded, Reply, StreamEnd};
 use common::{assert_error, client, wait_until, within};
 use http_body_util::{BodyExt, Full};
@@ -17,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use llm_edge::server::{EdgeServer, RunOptions};
-use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::RunArgs;
 use regex::Regex;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1096,18 +1095,6 @@ fn one_port(addr: &str) -> u16 {
 // ---------------------------------------------------------------------------------------------
 // Reloads: llm-edge started from a config file
 // ---------------------------------------------------------------------------------------------
-
-/// Pingora's shutdown signal, fed by the guard.
-struct StopWatch(watch::Receiver<bool>);
-
-#[async_trait]
-impl ShutdownSignalWatch for StopWatch {
-    async fn recv(&self) -> ShutdownSignal {
-        let mut rx = self.0.clone();
-        let _ = rx.wait_for(|stop| *stop).await;
-        ShutdownSignal::FastShutdown
-    }
-}
 
 /// llm-edge run from a config file that the test rewrites; `POST /admin/reload` re-reads it.
 /// The file is the fixed head (listeners, server, auth, admin) plus the test's body.

@@ -4,13 +4,12 @@
 
 mod common;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use common::harness::{free_port, TempDir};
+use common::harness::{free_port, StopWatch, TempDir};
 use common::mock::{Mock, Recorded, Reply};
 use common::within;
 use llm_edge::server::{EdgeServer, RunOptions};
-use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::RunArgs;
 use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,18 +47,6 @@ impl SelfSigned {
             cert,
             key,
         }
-    }
-}
-
-/// Pingora's shutdown signal, fed by the guard (as in the shared harness).
-struct StopWatch(watch::Receiver<bool>);
-
-#[async_trait]
-impl ShutdownSignalWatch for StopWatch {
-    async fn recv(&self) -> ShutdownSignal {
-        let mut rx = self.0.clone();
-        let _ = rx.wait_for(|stop| *stop).await;
-        ShutdownSignal::FastShutdown
     }
 }
 

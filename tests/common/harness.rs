@@ -73,7 +73,7 @@ fn init_logging() {
 }
 
 /// Pingora's shutdown signal, fed by the guard.
-struct StopWatch(watch::Receiver<bool>);
+pub struct StopWatch(pub watch::Receiver<bool>);
 
 #[async_trait]
 impl ShutdownSignalWatch for StopWatch {
