@@ -351,11 +351,14 @@ async fn sigterm_lets_an_open_stream_finish_within_the_grace_period() {
         stream_end.duration_since(sigterm_at)
     );
 
+    // Refused once the listener is closed; a connect racing the close may be reset instead.
     let refused = probe.await.unwrap();
-    assert_eq!(
-        refused,
-        Ok(std::io::ErrorKind::ConnectionRefused),
-        "new connections are refused after SIGTERM"
+    assert!(
+        matches!(
+            refused,
+            Ok(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset)
+        ),
+        "new connections are refused after SIGTERM: {refused:?}"
     );
 
     let status = edge
