@@ -186,7 +186,7 @@ pub async fn handle(
     let timestamp = unix_now();
     // Usage is always observed (a byte scan; the token metrics, the access log, the ledger and
     // tokens-per-minute limits use it); the full accumulation only for traced calls.
-    let mut obs = Some(Observer::new(flavor_of(api), ctx.started, traced, true));
+    let mut obs = Observer::new(flavor_of(api), ctx.started, traced, true);
     let result = route_and_forward(
         session,
         connector,
@@ -196,13 +196,13 @@ pub async fn handle(
         path_and_query,
         meta,
         ctx,
-        obs.as_mut(),
+        Some(&mut obs),
     )
     .await;
     if traced && ctx.upstream.is_some() {
-        if let (Some(o), Err(_)) = (obs.as_mut(), &result) {
+        if result.is_err() {
             // Keep what arrived before the failure.
-            o.finish();
+            obs.finish();
         }
         let model = ctx.model.clone().unwrap_or_default();
         let upstream_model = snap
@@ -228,15 +228,11 @@ pub async fn handle(
             latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
             status,
             error: result.as_ref().err().map(|e| e.to_string()),
-            observer: obs.as_ref(),
+            observer: Some(&obs),
         });
         tracer.submit(rec);
     }
-    let tokens = if ctx.attempts > 0 {
-        obs.as_mut().and_then(|o| o.tokens())
-    } else {
-        None
-    };
+    let tokens = if ctx.attempts > 0 { obs.tokens() } else { None };
     if let (Some(c), Some(t)) = (ctx.client.as_ref(), tokens.as_ref()) {
         crate::security::rate::charge_tokens(&c.usage, &c.limit, t.total);
     }
