@@ -210,6 +210,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         out.push("admin.listen");
     }
     if old.server.threads != new.server.threads
+        || old.server.work_stealing != new.server.work_stealing
         || old.server.pid_file != new.server.pid_file
         || old.server.upgrade_sock != new.server.upgrade_sock
         || old.server.grace_period != new.server.grace_period

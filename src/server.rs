@@ -87,6 +87,7 @@ impl EdgeServer {
         let grace = cfg.server.grace_period;
         let conf = ServerConf {
             threads: cfg.server.threads,
+            work_stealing: cfg.server.work_stealing,
             pid_file: cfg.server.pid_file.clone(),
             upgrade_sock: cfg.server.upgrade_sock.clone(),
             // Pingora sleeps this long after SIGTERM; the drain service below exits earlier

@@ -276,6 +276,8 @@ pub struct RouteConfig {
 pub struct ServerSettings {
     /// Proxy worker threads.
     pub threads: usize,
+    /// Work-stealing runtime (off: one independent runtime per thread, cheaper per request).
+    pub work_stealing: bool,
     /// PID file.
     pub pid_file: String,
     /// Upgrade socket.
@@ -483,8 +485,12 @@ pub fn validate(
         });
     }
 
+    let threads = raw.server.threads.unwrap_or(1).max(1);
     let server = ServerSettings {
-        threads: raw.server.threads.unwrap_or(1).max(1),
+        threads,
+        // With one thread there is nothing to steal from, and the work-stealing scheduler
+        // costs about 4 µs per request more than a single-threaded one (benches/e2e, S1).
+        work_stealing: raw.server.work_stealing.unwrap_or(threads > 1),
         pid_file: raw
             .server
             .pid_file

@@ -510,6 +510,9 @@ pub struct RawRoute {
 pub struct RawServer {
     /// Worker threads of the proxy service.
     pub threads: Option<usize>,
+    /// Whether idle worker threads take work queued on busy ones (default: on with more
+    /// than one thread).
+    pub work_stealing: Option<bool>,
     /// PID file (daemon mode and upgrades).
     pub pid_file: Option<String>,
     /// Socket used to hand listeners to a new process on upgrade.

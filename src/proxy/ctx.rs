@@ -35,7 +35,7 @@ pub struct ClientRef {
 pub struct RequestCtx {
     /// When the request started.
     pub started: Instant,
-    /// Request id (traces, logs).
+    /// Request id (traces, logs); set by the first phase, empty until then.
     pub request_id: String,
     /// Config snapshot this request uses from start to end.
     pub snapshot: Option<Arc<Snapshot>>,
@@ -72,7 +72,7 @@ pub struct RequestCtx {
     /// Headers added to whatever response the client gets (request id, CORS, rate limits).
     pub response_headers: Vec<(&'static str, String)>,
     /// Headers set on the upstream request (request id, forwarding headers).
-    pub upstream_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub upstream_headers: Vec<(&'static str, http::HeaderValue)>,
     /// What kind of request this was (metrics label).
     pub kind: crate::observe::metrics::RequestKind,
     /// Upstream time to the response header (last attempt).
@@ -110,7 +110,7 @@ impl RequestCtx {
     pub fn new() -> Self {
         Self {
             started: Instant::now(),
-            request_id: crate::ids::new_id("req_"),
+            request_id: String::new(),
             snapshot: None,
             api: None,
             model: None,

@@ -10,12 +10,12 @@ use crate::observe::metrics::RetryReason;
 use crate::observe::usage::UsageScanner;
 use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
-use crate::upstream::keys::Pick;
+use crate::upstream::connector::UpstreamConnector as Connector;
+use crate::upstream::keys::{Pick, PooledKey};
 use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use futures::FutureExt;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::HttpTask;
@@ -193,17 +193,12 @@ pub async fn forward(
         ctx.replica = Some(replica.label.clone());
         let key = lease.as_ref().map(|l| l.key());
         ctx.key_id = key.map(|k| k.id.clone());
-        let header = headers::upstream_api_request(
-            out.client,
-            out.path_and_query,
-            &replica.endpoint,
+        let request = Request {
+            out: &out,
             key,
-            out.body.len(),
-            &ctx.upstream_headers,
-        )
-        .map_err(|e| EdgeError::Internal(format!("building the upstream request: {e}")))?;
-
-        let mut us = match send(connector, &replica, header, out.body.clone(), deadline, &t).await {
+            ours: &ctx.upstream_headers,
+        };
+        let mut us = match send(connector, &replica, &request, deadline, &t).await {
             Ok(us) => us,
             Err(AttemptError::Retry(e)) => {
                 tracing::warn!(upstream = %up.cfg.name, replica = %replica.label, attempt, "{e}");
@@ -240,7 +235,7 @@ pub async fn forward(
                 return r;
             };
             connector
-                .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
+                .release(us, &replica.peer, replica.peer.options.idle_timeout)
                 .await;
             if let Some(l) = &lease {
                 if status == 429 {
@@ -478,45 +473,128 @@ async fn relay(
     r
 }
 
+/// What one attempt sends (the key may differ between attempts).
+struct Request<'a> {
+    out: &'a Outbound<'a>,
+    key: Option<&'a PooledKey>,
+    ours: &'a [(&'static str, http::HeaderValue)],
+}
+
+/// Writes all of `bufs` (vectored: one syscall for head and body when the socket takes it).
+async fn write_all_vectored(
+    stream: &mut pingora::protocols::Stream,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    while !bufs.is_empty() {
+        let n = stream.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut bufs, n);
+    }
+    stream.flush().await
+}
+
+/// Sends the request on `us`. HTTP/1: head and body written together, straight from the
+/// client's header (no upstream header map); HTTP/2: through Pingora's session.
+async fn write_request(
+    us: HttpSession,
+    replica: &Replica,
+    req: &Request<'_>,
+    idle: std::time::Duration,
+) -> Result<HttpSession, AttemptError> {
+    let out = req.out;
+    let build_failed = |e: pingora::BError| {
+        AttemptError::Fatal(EdgeError::Internal(format!(
+            "building the upstream request: {e}"
+        )))
+    };
+    match us {
+        HttpSession::H1(h1) => {
+            let mut head = bytes::BytesMut::with_capacity(512 + out.client.headers.len() * 48);
+            headers::api_request_h1_head(
+                &mut head,
+                out.client,
+                out.path_and_query,
+                &replica.endpoint,
+                req.key,
+                out.body.len(),
+                req.ours,
+            )
+            .map_err(build_failed)?;
+            let mut stream = h1.into_inner();
+            let mut bufs = [
+                std::io::IoSlice::new(&head),
+                std::io::IoSlice::new(&out.body),
+            ];
+            match tokio::time::timeout(idle, write_all_vectored(&mut stream, &mut bufs)).await {
+                Ok(Ok(())) => Ok(HttpSession::H1(
+                    pingora::protocols::http::v1::client::HttpSession::new_with_options(
+                        stream,
+                        &replica.peer,
+                    ),
+                )),
+                Ok(Err(e)) => Err(sending_failed(replica, e.kind().to_string())),
+                Err(_) => Err(sending_failed(replica, "write timed out".into())),
+            }
+        }
+        mut us => {
+            let header = headers::upstream_api_request(
+                out.client,
+                out.path_and_query,
+                &replica.endpoint,
+                req.key,
+                out.body.len(),
+                req.ours,
+            )
+            .map_err(build_failed)?;
+            us.set_write_timeout(Some(idle));
+            let write = async {
+                us.write_request_header(Box::new(header)).await?;
+                us.write_request_body(out.body.clone(), true).await?;
+                us.finish_request_body().await
+            };
+            match write.await {
+                Ok(()) => Ok(us),
+                Err(e) => Err(sending_failed(replica, e.etype().as_str().to_string())),
+            }
+        }
+    }
+}
+
+/// A pooled connection the upstream closed meanwhile: a fresh one will do.
+fn sending_failed(replica: &Replica, why: String) -> AttemptError {
+    AttemptError::Retry(EdgeError::UpstreamUnreachable(format!(
+        "sending the request to replica {}: {why}",
+        replica.label
+    )))
+}
+
 /// Connects (or reuses a pooled connection), sends header and body, reads the response header.
 async fn send(
     connector: &Connector,
     replica: &Replica,
-    header: RequestHeader,
-    body: Bytes,
+    req: &Request<'_>,
     deadline: Instant,
     t: &crate::config::Timeouts,
 ) -> Result<HttpSession, AttemptError> {
     let name = &replica.label;
-    let (mut us, reused) =
-        match tokio::time::timeout_at(deadline, connector.get_http_session(&replica.peer)).await {
-            Err(_) => {
-                return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
-                    "connecting to replica {name}"
-                ))))
-            }
-            Ok(Err(e)) => {
-                replica.mark_connect_failure();
-                return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(
-                    format!("connecting to replica {name}: {}", e.etype().as_str()),
-                )));
-            }
-            Ok(Ok(s)) => s,
-        };
-    us.set_write_timeout(Some(t.idle));
-    let write = async {
-        us.write_request_header(Box::new(header)).await?;
-        us.write_request_body(body, true).await?;
-        us.finish_request_body().await
+    let (us, reused) = match tokio::time::timeout_at(deadline, connector.get(&replica.peer)).await {
+        Err(_) => {
+            return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
+                "connecting to replica {name}"
+            ))))
+        }
+        Ok(Err(e)) => {
+            replica.mark_connect_failure();
+            return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(
+                format!("connecting to replica {name}: {}", e.etype().as_str()),
+            )));
+        }
+        Ok(Ok(s)) => s,
     };
-    if let Err(e) = write.await {
-        // A pooled connection the upstream closed meanwhile: a fresh one will do.
-        let why = format!(
-            "sending the request to replica {name} (reused: {reused}): {}",
-            e.etype().as_str()
-        );
-        return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(why)));
-    }
+    let mut us = write_request(us, replica, req, t.idle).await?;
     let first_byte = t
         .first_byte
         .min(deadline.saturating_duration_since(Instant::now()));
@@ -707,7 +785,7 @@ async fn stream_body(
                     o.finish();
                 }
                 connector
-                    .release_http_session(us, &replica.peer, replica.peer.options.idle_timeout)
+                    .release(us, &replica.peer, replica.peer.options.idle_timeout)
                     .await;
                 return Ok(());
             }

@@ -49,37 +49,43 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
+/// Whether a client header is dropped from an API call (hop-by-hop, ours to set, credentials,
+/// forwarding headers, or nominated by `Connection`).
+fn dropped_on_api_call(name: &HeaderName, nominated: &[HeaderName]) -> bool {
+    let n = name.as_str();
+    is_hop_by_hop(name)
+        || NOT_FORWARDED_ON_API_CALLS.contains(&n)
+        || CLIENT_CREDENTIALS.contains(&n)
+        || FORWARDING_HEADERS.contains(&n)
+        || nominated.contains(name)
+}
+
 /// Builds the request sent upstream for an API call: the client's end-to-end headers minus
-/// credentials, plus `Host`, an exact `Content-Length` and the upstream key.
+/// credentials, plus `Host`, an exact `Content-Length` and the upstream key. (HTTP/2
+/// upstreams; HTTP/1 ones get [`api_request_h1_head`], the same request in wire form.)
 pub fn upstream_api_request(
     client: &RequestHeader,
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
     body_len: usize,
-    ours: &[(HeaderName, http::HeaderValue)],
+    ours: &[(&'static str, http::HeaderValue)],
 ) -> pingora::Result<RequestHeader> {
     let path = format!("{}{}", endpoint.base_path, path_and_query);
     let mut req = RequestHeader::build(
         client.method.clone(),
         path.as_bytes(),
-        Some(client.headers.len() + 3),
+        Some(client.headers.len() + ours.len() + 3),
     )?;
     let nominated = connection_nominated(&client.headers);
     for (name, value) in client.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop(name)
-            || NOT_FORWARDED_ON_API_CALLS.contains(&n)
-            || CLIENT_CREDENTIALS.contains(&n)
-            || FORWARDING_HEADERS.contains(&n)
-            || nominated.contains(name)
-        {
+        if dropped_on_api_call(name, &nominated) {
             continue;
         }
         req.append_header(name.clone(), value.clone())?;
     }
     for (k, v) in ours {
-        req.insert_header(k.clone(), v.clone())?;
+        req.insert_header(*k, v.clone())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
@@ -89,6 +95,81 @@ pub fn upstream_api_request(
     Ok(req)
 }
 
+/// The request head of an API call to an HTTP/1 upstream, written as wire bytes into `buf`:
+/// the same request as [`upstream_api_request`], without building a header map first (that
+/// was the largest cost of the call path), so head and body leave in one write.
+pub fn api_request_h1_head(
+    buf: &mut bytes::BytesMut,
+    client: &RequestHeader,
+    path_and_query: &str,
+    endpoint: &Endpoint,
+    key: Option<&PooledKey>,
+    body_len: usize,
+    ours: &[(&'static str, http::HeaderValue)],
+) -> pingora::Result<()> {
+    let bad = |b: &u8| matches!(b, b' ' | b'\r' | b'\n' | 0);
+    if endpoint.base_path.bytes().any(|b| bad(&b)) || path_and_query.bytes().any(|b| bad(&b)) {
+        return pingora::Error::e_explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "request target contains a delimiter byte",
+        );
+    }
+    let line = |buf: &mut bytes::BytesMut, name: &[u8], value: &[u8]| {
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value);
+        buf.extend_from_slice(b"\r\n");
+    };
+    buf.extend_from_slice(client.method.as_str().as_bytes());
+    buf.extend_from_slice(b" ");
+    buf.extend_from_slice(endpoint.base_path.as_bytes());
+    buf.extend_from_slice(path_and_query.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    line(buf, b"Host", endpoint.authority.as_bytes());
+    let nominated = connection_nominated(&client.headers);
+    let key_header = key.map(|k| &k.header);
+    for (name, value) in client.headers.iter() {
+        // Ours and the key header replace a client's header of the same name.
+        if dropped_on_api_call(name, &nominated)
+            || ours
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name.as_str()))
+            || key_header == Some(name)
+        {
+            continue;
+        }
+        line(buf, name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (k, v) in ours {
+        line(buf, k.as_bytes(), v.as_bytes());
+    }
+    let mut digits = [0u8; 20];
+    line(buf, b"Content-Length", decimal(body_len, &mut digits));
+    if let Some(k) = key {
+        line(buf, k.header.as_str().as_bytes(), k.value.as_bytes());
+    }
+    buf.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
+/// `n` in decimal, written at the end of `out` (no formatting machinery on the hot path).
+fn decimal(mut n: usize, out: &mut [u8; 20]) -> &[u8] {
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &out[i..];
+        }
+    }
+}
+
+/// Client headers removed from a pass-through request (credentials, forwarding headers).
+fn stripped_on_passthrough(name: &str) -> bool {
+    CLIENT_CREDENTIALS.contains(&name) || FORWARDING_HEADERS.contains(&name)
+}
+
 /// Rewrites a pass-through request in place: new path, `Host`, client credentials removed,
 /// upstream key added. Pingora itself strips hop-by-hop headers on this path.
 pub fn rewrite_passthrough_request(
@@ -96,22 +177,33 @@ pub fn rewrite_passthrough_request(
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
-    ours: &[(HeaderName, http::HeaderValue)],
+    ours: &[(&'static str, http::HeaderValue)],
 ) -> pingora::Result<()> {
-    let path = format!("{}{}", endpoint.base_path, path_and_query);
-    let uri: http::Uri = path.parse().map_err(|e| {
-        pingora::Error::because(
-            pingora::ErrorType::InvalidHTTPHeader,
-            "rewriting the pass-through path",
-            e,
-        )
-    })?;
-    req.set_uri(uri);
-    for c in CLIENT_CREDENTIALS.iter().chain(FORWARDING_HEADERS.iter()) {
-        req.remove_header(*c);
+    let unchanged = endpoint.base_path.is_empty()
+        && req.uri.path_and_query().map(|p| p.as_str()) == Some(path_and_query);
+    if !unchanged {
+        let path = format!("{}{}", endpoint.base_path, path_and_query);
+        let uri: http::Uri = path.parse().map_err(|e| {
+            pingora::Error::because(
+                pingora::ErrorType::InvalidHTTPHeader,
+                "rewriting the pass-through path",
+                e,
+            )
+        })?;
+        req.set_uri(uri);
+    }
+    // Each removal hashes the name twice; most requests carry few of these, so look first.
+    let strip: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| stripped_on_passthrough(n.as_str()))
+        .cloned()
+        .collect();
+    for name in &strip {
+        req.remove_header(name);
     }
     for (k, v) in ours {
-        req.insert_header(k.clone(), v.clone())?;
+        req.insert_header(*k, v.clone())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     if let Some(k) = key {

@@ -27,7 +27,12 @@ pub fn reject_reason(code: &str) -> Option<RejectReason> {
 }
 
 /// Records the finished request in metrics and the access log.
-pub fn finish(rt: &Runtime, session: &Session, ctx: &RequestCtx) {
+pub fn finish(rt: &Runtime, session: &Session, ctx: &mut RequestCtx) {
+    if ctx.request_id.is_empty() {
+        // The request failed before the first phase (e.g. an unparsable header).
+        ctx.request_id = crate::ids::new_id("req_");
+    }
+    let ctx = &*ctx;
     let m: &Metrics = &rt.metrics;
     let elapsed = ctx.started.elapsed();
     let status = match ctx.status {

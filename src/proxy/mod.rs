@@ -16,9 +16,9 @@ use crate::route::api::{self, ApiPath};
 use crate::route::slug;
 use crate::runtime::Runtime;
 use crate::security::cors;
+use crate::upstream::connector::UpstreamConnector;
 use async_trait::async_trait;
 use ctx::RequestCtx;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -28,7 +28,7 @@ use std::sync::Arc;
 /// The proxy service.
 pub struct EdgeProxy {
     rt: Arc<Runtime>,
-    connector: Arc<Connector>,
+    connector: Arc<UpstreamConnector>,
 }
 
 impl EdgeProxy {
@@ -36,7 +36,7 @@ impl EdgeProxy {
     pub fn new(rt: Arc<Runtime>) -> Self {
         Self {
             rt,
-            connector: Arc::new(Connector::new(None)),
+            connector: Arc::new(UpstreamConnector::new()),
         }
     }
 }

@@ -54,36 +54,99 @@ pub fn real_client(peer: IpAddr, headers: &http::HeaderMap, nets: &[IpNet]) -> I
         .unwrap_or(peer)
 }
 
-/// `X-Forwarded-For` toward upstreams.
+/// `X-Forwarded-For` (read from trusted proxies).
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// `X-Real-IP` toward upstreams.
-pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// `X-Forwarded-Proto` toward upstreams.
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// `Forwarded` (RFC 7239) toward upstreams.
+/// `Forwarded` (RFC 7239, read from trusted proxies).
 pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// A header value formatted on the stack (this runs for every request; one allocation per
-/// value instead of a `String` and a copy).
-fn value(args: std::fmt::Arguments<'_>) -> HeaderValue {
-    struct Buf([u8; 96], usize);
-    impl std::fmt::Write for Buf {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            let end = self.1 + s.len();
-            let dst = self.0.get_mut(self.1..end).ok_or(std::fmt::Error)?;
-            dst.copy_from_slice(s.as_bytes());
-            self.1 = end;
-            Ok(())
+/// A header value assembled on the stack: this runs for every request, so addresses are
+/// written without `fmt` and each value costs one allocation.
+struct ValueBuf {
+    bytes: [u8; 160],
+    len: usize,
+    /// Where the value moves when it outgrows the stack (a long trusted chain).
+    spilled: Option<Vec<u8>>,
+}
+
+impl ValueBuf {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 160],
+            len: 0,
+            spilled: None,
         }
     }
-    let mut b = Buf([0; 96], 0);
-    let text = if std::fmt::write(&mut b, args).is_ok() {
-        HeaderValue::from_bytes(&b.0[..b.1])
-    } else {
-        HeaderValue::from_str(&args.to_string())
-    };
-    // Addresses and the fixed words are always valid header bytes.
-    text.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+
+    fn push(&mut self, s: &[u8]) -> &mut Self {
+        if let Some(v) = self.spilled.as_mut() {
+            v.extend_from_slice(s);
+        } else if let Some(dst) = self.bytes.get_mut(self.len..self.len + s.len()) {
+            dst.copy_from_slice(s);
+            self.len += s.len();
+        } else {
+            let mut v = Vec::with_capacity((self.len + s.len()) * 2);
+            v.extend_from_slice(self.bytes.get(..self.len).unwrap_or_default());
+            v.extend_from_slice(s);
+            self.spilled = Some(v);
+        }
+        self
+    }
+
+    fn push_ip(&mut self, ip: IpAddr) -> &mut Self {
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b".");
+                    }
+                    let digits = [
+                        b'0' + octet / 100,
+                        b'0' + octet / 10 % 10,
+                        b'0' + octet % 10,
+                    ];
+                    let skip = if octet >= 100 {
+                        0
+                    } else if octet >= 10 {
+                        1
+                    } else {
+                        2
+                    };
+                    self.push(&digits[skip..]);
+                }
+                self
+            }
+            IpAddr::V6(v6) => {
+                use std::fmt::Write;
+                let mut text = String::with_capacity(40);
+                // Writing to a String cannot fail.
+                let _ = write!(text, "{v6}");
+                self.push(text.as_bytes())
+            }
+        }
+    }
+
+    fn value(&self) -> HeaderValue {
+        let text = match &self.spilled {
+            Some(v) => v.as_slice(),
+            None => self.bytes.get(..self.len).unwrap_or_default(),
+        };
+        // Addresses and the fixed words are always valid header bytes, and so are the values
+        // of a trusted proxy's headers joined with them.
+        HeaderValue::from_bytes(text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+}
+
+/// Appends every value of `name` in `headers`, comma-separated, to `out`. False when absent.
+fn push_joined(out: &mut ValueBuf, headers: &http::HeaderMap, name: &HeaderName) -> bool {
+    let mut any = false;
+    for v in headers.get_all(name) {
+        if any {
+            out.push(b", ");
+        }
+        out.push(v.as_bytes());
+        any = true;
+    }
+    any
 }
 
 /// `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto` and `Forwarded` values to send upstream.
@@ -93,46 +156,37 @@ pub fn upstream_headers(
     headers: &http::HeaderMap,
     nets: &[IpNet],
     tls: bool,
-) -> [(HeaderName, HeaderValue); 4] {
+) -> [(&'static str, HeaderValue); 4] {
     let peer = canonical(peer);
     let from_trusted = trusted(peer, nets);
-    let joined = |name: &HeaderName| -> Option<String> {
-        if !headers.contains_key(name) {
-            return None;
-        }
-        let parts: Vec<&str> = headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        (!parts.is_empty()).then(|| parts.join(", "))
+    let proto: &[u8] = if tls { b"https" } else { b"http" };
+
+    let mut xff = ValueBuf::new();
+    if from_trusted && push_joined(&mut xff, headers, &X_FORWARDED_FOR) {
+        xff.push(b", ");
+    }
+    xff.push_ip(peer);
+
+    let mut forwarded = ValueBuf::new();
+    if from_trusted && push_joined(&mut forwarded, headers, &FORWARDED) {
+        forwarded.push(b", ");
+    }
+    match peer {
+        IpAddr::V6(_) => forwarded.push(b"for=\"[").push_ip(peer).push(b"]\";proto="),
+        IpAddr::V4(_) => forwarded.push(b"for=").push_ip(peer).push(b";proto="),
     };
-    let prev_xff = if from_trusted {
-        joined(&X_FORWARDED_FOR)
-    } else {
-        None
-    };
-    let xff = match prev_xff {
-        Some(prev) => value(format_args!("{prev}, {peer}")),
-        None => value(format_args!("{peer}")),
-    };
-    let proto = if tls { "https" } else { "http" };
-    let prev_fwd = if from_trusted {
-        joined(&FORWARDED)
-    } else {
-        None
-    };
-    let forwarded = match (peer, prev_fwd) {
-        (IpAddr::V6(v6), Some(prev)) => value(format_args!("{prev}, for=\"[{v6}]\";proto={proto}")),
-        (IpAddr::V6(v6), None) => value(format_args!("for=\"[{v6}]\";proto={proto}")),
-        (IpAddr::V4(v4), Some(prev)) => value(format_args!("{prev}, for={v4};proto={proto}")),
-        (IpAddr::V4(v4), None) => value(format_args!("for={v4};proto={proto}")),
-    };
+    forwarded.push(proto);
+
+    let real_ip = ValueBuf::new().push_ip(client).value();
+    // Names as nginx writes them; static strings are the cheapest names for Pingora to insert.
     [
-        (X_FORWARDED_FOR, xff),
-        (X_REAL_IP, value(format_args!("{client}"))),
-        (X_FORWARDED_PROTO, HeaderValue::from_static(proto)),
-        (FORWARDED, forwarded),
+        ("X-Forwarded-For", xff.value()),
+        ("X-Real-IP", real_ip),
+        (
+            "X-Forwarded-Proto",
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        ),
+        ("Forwarded", forwarded.value()),
     ]
 }
 
@@ -169,6 +223,29 @@ mod tests {
         assert_eq!(out[0].1, "198.51.100.7, 192.0.2.1, 10.0.0.1, 10.0.0.2");
         assert_eq!(out[1].1, "192.0.2.1");
         assert_eq!(out[2].1, "https");
+    }
+
+    #[test]
+    fn addresses_are_written_like_display() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "192.0.2.1",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut b = ValueBuf::new();
+            b.push_ip(ip);
+            assert_eq!(b.value(), ip.to_string().as_str());
+        }
+        // A value longer than the stack buffer moves to the heap, whole.
+        let mut b = ValueBuf::new();
+        b.push(&[b'a'; 150])
+            .push(b", ")
+            .push_ip("10.0.0.1".parse().unwrap());
+        assert_eq!(b.value().len(), 160);
+        assert!(b.value().to_str().unwrap().ends_with("a, 10.0.0.1"));
     }
 
     #[test]

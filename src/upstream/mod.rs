@@ -1,5 +1,6 @@
 //! Upstreams at run time: replicas behind pingora-load-balancing, credentials, DNS refresh.
 
+pub mod connector;
 pub mod discovery;
 pub mod dns;
 pub mod egress;
