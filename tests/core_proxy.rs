@@ -745,6 +745,41 @@ async fn silent_upstream_is_a_504_after_the_first_byte_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_still_flowing_at_the_total_timeout_ends_with_an_error_event() {
+    // A chunk every 200 ms keeps the idle timer happy; the total deadline must still end it.
+    let chunks: Vec<_> = (0..20)
+        .map(|i| {
+            let gap = if i == 0 { ms(0) } else { ms(200) };
+            (gap, Bytes::from(format!("data: {{\"n\":{i}}}\n\n")))
+        })
+        .collect();
+    let mock = Mock::replying(Reply::sse(chunks));
+    let cfg = vllm_config(&mock.url()).replace("total: 30s", "total: 1s");
+    let proxy = Proxy::start(&cfg);
+
+    let started = Instant::now();
+    let resp = post(&proxy, CHAT, r#"{"model":"m1","stream":true}"#).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    while let Some(item) = within(Duration::from_secs(5), "stream", body.next()).await {
+        match item {
+            Ok(b) => got.extend_from_slice(&b),
+            Err(_) => break,
+        }
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("data: {\"n\":0}\n\n"), "{text}");
+    assert!(text.contains("\"code\":\"upstream_timeout\""), "{text}");
+    assert!(!text.contains("{\"n\":19}"), "{text}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "ended after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_silent_past_the_idle_timeout_ends_with_an_error_event() {
     let chunks = vec![
         (ms(0), Bytes::from_static(b"data: {\"n\":1}\n\n")),

@@ -528,7 +528,13 @@ async fn write_request(
                 std::io::IoSlice::new(&head),
                 std::io::IoSlice::new(&out.body),
             ];
-            match tokio::time::timeout(idle, write_all_vectored(&mut stream, &mut bufs)).await {
+            // Pingora's timer wheel: arming a tokio timer costs a wake-up syscall per request.
+            match pingora::time::fast_timeout::fast_timeout(
+                idle,
+                write_all_vectored(&mut stream, &mut bufs),
+            )
+            .await
+            {
                 Ok(Ok(())) => Ok(HttpSession::H1(
                     pingora::protocols::http::v1::client::HttpSession::new_with_options(
                         stream,
@@ -580,20 +586,22 @@ async fn send(
     t: &crate::config::Timeouts,
 ) -> Result<HttpSession, AttemptError> {
     let name = &replica.label;
-    let (us, reused) = match tokio::time::timeout_at(deadline, connector.get(&replica.peer)).await {
-        Err(_) => {
-            return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
-                "connecting to replica {name}"
-            ))))
-        }
-        Ok(Err(e)) => {
-            replica.mark_connect_failure();
-            return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(
-                format!("connecting to replica {name}: {}", e.etype().as_str()),
-            )));
-        }
-        Ok(Ok(s)) => s,
-    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let (us, reused) =
+        match pingora::time::fast_timeout::fast_timeout(left, connector.get(&replica.peer)).await {
+            Err(_) => {
+                return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
+                    "connecting to replica {name}"
+                ))))
+            }
+            Ok(Err(e)) => {
+                replica.mark_connect_failure();
+                return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(
+                    format!("connecting to replica {name}: {}", e.etype().as_str()),
+                )));
+            }
+            Ok(Ok(s)) => s,
+        };
     let mut us = write_request(us, replica, req, t.idle).await?;
     let first_byte = t
         .first_byte
@@ -694,9 +702,6 @@ async fn stream_body(
     t: &crate::config::Timeouts,
     mut obs: Option<&mut Observer>,
 ) -> Result<(), EdgeError> {
-    us.set_read_timeout(Some(t.idle));
-    let sleep = tokio::time::sleep_until(deadline);
-    tokio::pin!(sleep);
     let mut watch_client = true;
     // Last two bytes sent, so an error event can start on an event boundary.
     let mut tail: [u8; 2] = *b"\n\n";
@@ -705,19 +710,32 @@ async fn stream_body(
         let step = if let Some(p) = pending.take() {
             p
         } else {
-            let down = session.as_downstream_mut();
-            tokio::select! {
-                biased;
-                r = us.read_response_body() => match r {
-                    Ok(c) => Step::Chunk(c),
-                    Err(e) => Step::UpstreamFailed(e),
-                },
-                r = down.read_body_or_idle(true), if watch_client => match r {
-                    Err(e) if matches!(e.etype(), ErrorType::ReadTimedout) => Step::ClientQuiet,
-                    Err(_) => Step::ClientGone,
-                    Ok(_) => Step::ClientQuiet,
-                },
-                _ = &mut sleep => Step::Deadline,
+            // The total deadline caps each read's idle timeout (no timer of its own: arming
+            // a tokio timer per stream costs a wake-up syscall).
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Step::Deadline
+            } else {
+                let capped = left < t.idle;
+                us.set_read_timeout(Some(t.idle.min(left)));
+                let down = session.as_downstream_mut();
+                tokio::select! {
+                    biased;
+                    r = us.read_response_body() => match r {
+                        Ok(c) => Step::Chunk(c),
+                        Err(e) if capped && matches!(e.etype(), ErrorType::ReadTimedout) => {
+                            Step::Deadline
+                        }
+                        Err(e) => Step::UpstreamFailed(e),
+                    },
+                    r = down.read_body_or_idle(true), if watch_client => match r {
+                        Err(e) if matches!(e.etype(), ErrorType::ReadTimedout) => {
+                            Step::ClientQuiet
+                        }
+                        Err(_) => Step::ClientGone,
+                        Ok(_) => Step::ClientQuiet,
+                    },
+                }
             }
         };
         match step {
