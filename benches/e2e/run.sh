@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# End-to-end load benchmark: llm-edge (API-call route and pass-through route) against nginx and
-# a direct connection, all in front of the same mock upstream. See benches/README.md.
+# End-to-end load benchmark: llm-edge (API-call route and pass-through route) against nginx, a
+# minimal Pingora proxy (the framework's floor) and a direct connection, all in front of the same
+# mock upstream. See benches/README.md.
 #
-#   benches/e2e/run.sh            full run (3 rounds, ~10 min on 2 cores)
-#   QUICK=1 benches/e2e/run.sh    quick run (1 round, about two minutes once built)
+#   benches/e2e/run.sh            full run (3 rounds, ~12 min on 2 cores)
+#   QUICK=1 benches/e2e/run.sh    quick run (1 round, about three minutes once built)
 #
 # Environment: QUICK=1, ROUNDS=N, PROXY_CPU (default 1), LOAD_CPU (mock + clients, default 0),
 # SKIP_BUILD=1 (use the binaries already built), KEEP_TMP=1 (keep the temp dir), ONLY="s1 s3".
@@ -37,7 +38,7 @@ fi
 S5_STREAMS=1000
 # ONLY="s3 s5" runs a subset (for development; the table then has only those rows).
 read -ra SCENARIOS <<<"${ONLY:-s1 s2 s3 s4 s5}"
-TARGETS=(direct nginx edge-api edge-pass)
+TARGETS=(direct nginx pingora-min edge-api edge-pass)
 
 log() { printf '[e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
@@ -54,7 +55,7 @@ install_missing() {
   command -v wrk >/dev/null || pkgs+=(wrk)
   command -v taskset >/dev/null || pkgs+=(util-linux)
   if [[ $SKIP_BUILD != 1 ]]; then
-    # Building llm-edge (Pingora) needs cmake, see README.md.
+    # Building llm-edge and bench-pingora (Pingora) needs cmake, see README.md.
     command -v cmake >/dev/null || pkgs+=(cmake)
   fi
   ((${#pkgs[@]})) || return 0
@@ -75,7 +76,8 @@ build() {
     cargo build --release --manifest-path "$TOOLS_DIR/Cargo.toml" --target-dir "$TOOLS_DIR/target"
   fi
   local b
-  for b in "$EDGE_BIN" "$TOOLS/bench-mock" "$TOOLS/bench-sse" "$TOOLS/bench-report"; do
+  for b in "$EDGE_BIN" "$TOOLS/bench-mock" "$TOOLS/bench-sse" "$TOOLS/bench-report" \
+    "$TOOLS/bench-pingora"; do
     [[ -x $b ]] || die "$b is missing (build it, or run without SKIP_BUILD=1)"
   done
 }
@@ -101,8 +103,8 @@ CLK_TCK=$(getconf CLK_TCK)
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/llm-edge-e2e.XXXXXX")
 PIDS=()             # every process started, in order
-declare -A STOP_SIG # how to stop it: llm-edge (Pingora) stops fast on SIGINT, gracefully on TERM
-declare -A PID_OF   # mock, nginx, edge-api, edge-pass -> pid
+declare -A STOP_SIG # how to stop it: Pingora processes stop fast on SIGINT, gracefully on TERM
+declare -A PID_OF   # mock, nginx, pingora-min, edge-api, edge-pass -> pid
 declare -A PORT_OF  # same keys -> loopback port
 
 # stop_pid PID: its stop signal, up to 3 s to exit, then SIGKILL.
@@ -167,7 +169,7 @@ wait_ready() {
 }
 
 # Assigned in the main shell (free_port runs in a subshell and cannot record what it chose).
-for name in mock nginx edge-api edge-pass edge-api-admin edge-pass-admin; do
+for name in mock nginx pingora-min edge-api edge-pass edge-api-admin edge-pass-admin; do
   PORT_OF[$name]=$(USED_PORTS="$USED_PORTS${PORT_OF[*]} " free_port)
 done
 MOCK_ADDR=127.0.0.1:${PORT_OF[mock]}
@@ -206,7 +208,7 @@ EOF
   done
 }
 
-# start NAME: starts mock, nginx, edge-api or edge-pass and waits until it listens.
+# start NAME: starts mock, nginx, pingora-min, edge-api or edge-pass and waits until it listens.
 start() {
   local name=$1 pid
   case $name in
@@ -218,6 +220,12 @@ start() {
       taskset -c "$PROXY_CPU" nginx -p "$TMP" -c "$TMP/nginx.conf" -e "$TMP/nginx-error.log" \
         >>"$TMP/nginx-stdout.log" 2>&1 &
       pid=$!
+      ;;
+    pingora-min)
+      taskset -c "$PROXY_CPU" "$TOOLS/bench-pingora" --listen "127.0.0.1:${PORT_OF[$name]}" \
+        --upstream "$MOCK_ADDR" --tmp "$TMP" >>"$TMP/$name.log" 2>&1 &
+      pid=$!
+      STOP_SIG[$pid]=INT
       ;;
     edge-*)
       LLM_EDGE_LOG=warn taskset -c "$PROXY_CPU" "$EDGE_BIN" -c "$TMP/$name.yaml" \
@@ -240,7 +248,7 @@ restart() {
 ensure_running() {
   local name
   kill -0 "${PID_OF[mock]}" 2>/dev/null || die "bench-mock died (see $TMP/mock.log)"
-  for name in nginx edge-api edge-pass; do
+  for name in nginx pingora-min edge-api edge-pass; do
     if ! kill -0 "${PID_OF[$name]}" 2>/dev/null; then
       log "$name is not running: restarting it (its log: $TMP/$name.log)"
       start "$name"
@@ -264,7 +272,7 @@ pids_of() {
       fi
       ((${#children[@]} == 0)) || printf '%s\n' "${children[@]}"
       ;;
-    edge-*) echo "${PID_OF[$1]}" ;;
+    pingora-min | edge-*) echo "${PID_OF[$1]}" ;;
   esac
 }
 
@@ -355,12 +363,14 @@ url_of() {
   case $1 in
     direct) echo "http://$MOCK_ADDR/v1/chat/completions" ;;
     nginx) echo "http://127.0.0.1:${PORT_OF[nginx]}/v1/chat/completions" ;;
+    pingora-min) echo "http://127.0.0.1:${PORT_OF[pingora-min]}/v1/chat/completions" ;;
     edge-api) echo "http://127.0.0.1:${PORT_OF[edge-api]}/v1/chat/completions" ;;
     edge-pass) echo "http://127.0.0.1:${PORT_OF[edge-pass]}/pass/v1/chat/completions" ;;
   esac
 }
 
-# The model the mock sees: renamed by the API-call route only.
+# The model the mock sees: renamed by the API-call route only (nginx, pingora-min and the
+# pass-through route forward the body untouched).
 model_seen_by_mock() {
   if [[ $1 == edge-api ]]; then echo bench-upstream; else echo bench; fi
 }
@@ -457,11 +467,12 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT_DIR"
 make_bodies
 write_configs
-for name in mock nginx edge-api edge-pass; do
+for name in mock nginx pingora-min edge-api edge-pass; do
   start "$name"
 done
-log "ports: mock ${PORT_OF[mock]}, nginx ${PORT_OF[nginx]}, edge-api ${PORT_OF[edge-api]}," \
-  "edge-pass ${PORT_OF[edge-pass]}; proxy CPU $PROXY_CPU, load CPU $LOAD_CPU"
+log "ports: mock ${PORT_OF[mock]}, nginx ${PORT_OF[nginx]}, pingora-min ${PORT_OF[pingora-min]}," \
+  "edge-api ${PORT_OF[edge-api]}, edge-pass ${PORT_OF[edge-pass]};" \
+  "proxy CPU $PROXY_CPU, load CPU $LOAD_CPU"
 log "$ROUNDS round(s), quick=$QUICK; raw results in $RAW"
 
 ORDERS=()
@@ -473,7 +484,7 @@ for ((r = 0; r < ROUNDS; r++)); do
   ORDERS+=("${order[*]}")
   for sc in "${SCENARIOS[@]}"; do
     if [[ $sc == s5 ]]; then
-      for name in nginx edge-api edge-pass; do
+      for name in nginx pingora-min edge-api edge-pass; do
         restart "$name"
       done
     fi

@@ -14,8 +14,9 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-/// Target names in table order; ratios are to `nginx`.
-const TARGETS: [&str; 4] = ["direct", "nginx", "edge-api", "edge-pass"];
+/// Target names in table order; ratios are to `nginx`. `pingora-min` (the Pingora floor) sits
+/// next to nginx so llm-edge's columns read as that floor plus llm-edge's own cost.
+const TARGETS: [&str; 5] = ["direct", "nginx", "pingora-min", "edge-api", "edge-pass"];
 const BASELINE: &str = "nginx";
 
 /// How a figure is combined over rounds.
