@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# End-to-end load benchmark: llm-edge (API-call route and pass-through route) against nginx, a
-# minimal Pingora proxy (the framework's floor) and a direct connection, all in front of the same
-# mock upstream. See benches/README.md.
+# End-to-end load benchmark: llm-edge (API-call route, the same with tracing on for every call,
+# and pass-through route) against nginx, a minimal Pingora proxy (the framework's floor) and a
+# direct connection, all in front of the same mock upstream. See benches/README.md.
 #
-#   benches/e2e/run.sh            full run (3 rounds, ~12 min on 2 cores)
+#   benches/e2e/run.sh            full run (3 rounds, ~13 min on 2 cores)
 #   QUICK=1 benches/e2e/run.sh    quick run (1 round, about three minutes once built)
 #
 # Environment: QUICK=1, ROUNDS=N, PROXY_CPU (default 1), LOAD_CPU (mock + clients, default 0),
@@ -38,7 +38,21 @@ fi
 S5_STREAMS=1000
 # ONLY="s3 s5" runs a subset (for development; the table then has only those rows).
 read -ra SCENARIOS <<<"${ONLY:-s1 s2 s3 s4 s5}"
-TARGETS=(direct nginx pingora-min edge-api edge-pass)
+TARGETS=(direct nginx pingora-min edge-api edge-traced edge-pass)
+# The llm-edge targets, each its own process: (re)started, checked and stopped alike.
+EDGE_TARGETS=(edge-api edge-traced edge-pass)
+# Every proxied target (all but direct).
+PROXIES=(nginx pingora-min "${EDGE_TARGETS[@]}")
+
+# runs_in TARGET SCENARIO: whether the target is measured in the scenario. edge-traced (edge-api
+# with a trace record written for every call) runs only in S1 and S3, to keep the run time down;
+# elsewhere its cells in the table are "-".
+runs_in() {
+  case $1 in
+    edge-traced) [[ $2 == s1 || $2 == s3 ]] ;;
+    *) true ;;
+  esac
+}
 
 log() { printf '[e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
@@ -54,6 +68,7 @@ install_missing() {
   command -v nginx >/dev/null || pkgs+=(nginx-light)
   command -v wrk >/dev/null || pkgs+=(wrk)
   command -v taskset >/dev/null || pkgs+=(util-linux)
+  command -v curl >/dev/null || pkgs+=(curl) # edge-traced: POST /admin/traces/flush
   if [[ $SKIP_BUILD != 1 ]]; then
     # Building llm-edge and bench-pingora (Pingora) needs cmake, see README.md.
     command -v cmake >/dev/null || pkgs+=(cmake)
@@ -98,13 +113,14 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # ---------------------------------------------------------------------------------------------
 # Processes: everything started here is recorded and stopped on exit. Each proxied target has
-# a process of its own (edge-api and edge-pass run the same llm-edge binary and config), so CPU
-# time and peak RSS are per target.
+# a process of its own (edge-api, edge-traced and edge-pass run the same llm-edge binary; edge-api
+# and edge-pass the same config, edge-traced that config plus tracing), so CPU time and peak RSS
+# are per target.
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/llm-edge-e2e.XXXXXX")
 PIDS=()             # every process started, in order
 declare -A STOP_SIG # how to stop it: Pingora processes stop fast on SIGINT, gracefully on TERM
-declare -A PID_OF   # mock, nginx, pingora-min, edge-api, edge-pass -> pid
+declare -A PID_OF   # mock, nginx, pingora-min, edge-api, edge-traced, edge-pass -> pid
 declare -A PORT_OF  # same keys -> loopback port
 
 # stop_pid PID: its stop signal, up to 3 s to exit, then SIGKILL.
@@ -169,10 +185,12 @@ wait_ready() {
 }
 
 # Assigned in the main shell (free_port runs in a subshell and cannot record what it chose).
-for name in mock nginx pingora-min edge-api edge-pass edge-api-admin edge-pass-admin; do
+for name in mock "${PROXIES[@]}" "${EDGE_TARGETS[@]/%/-admin}"; do
   PORT_OF[$name]=$(USED_PORTS="$USED_PORTS${PORT_OF[*]} " free_port)
 done
 MOCK_ADDR=127.0.0.1:${PORT_OF[mock]}
+# edge-traced writes one JSON line per call here (truncated around each measured run).
+TRACES=$TMP/edge-traced-traces.jsonl
 
 write_configs() {
   local user="" name
@@ -181,7 +199,7 @@ write_configs() {
   sed -e "s|@USER@|$user|" -e "s|@TMP@|$TMP|g" -e "s|@MOCK@|$MOCK_ADDR|" \
     -e "s|@NOFILE@|$(ulimit -n)|" -e "s|@LISTEN@|127.0.0.1:${PORT_OF[nginx]}|" \
     "$E2E/nginx.conf.tmpl" >"$TMP/nginx.conf"
-  for name in edge-api edge-pass; do
+  for name in "${EDGE_TARGETS[@]}"; do
     cat >"$TMP/$name.yaml" <<EOF
 # Written by benches/e2e/run.sh.
 listen: ["127.0.0.1:${PORT_OF[$name]}"]
@@ -204,11 +222,17 @@ routes:
     upstream: mock
     strip_prefix: true
 EOF
+    if [[ $name == edge-traced ]]; then
+      cat >>"$TMP/$name.yaml" <<EOF
+# edge-api plus a trace record for every call (conf/README.md, tracing).
+tracing: {mode: always, jsonl: "$TRACES"}
+EOF
+    fi
     "$EDGE_BIN" -t -c "$TMP/$name.yaml" >/dev/null || die "llm-edge rejected $TMP/$name.yaml"
   done
 }
 
-# start NAME: starts mock, nginx, pingora-min, edge-api or edge-pass and waits until it listens.
+# start NAME: starts mock, nginx, pingora-min or an llm-edge target and waits until it listens.
 start() {
   local name=$1 pid
   case $name in
@@ -248,7 +272,7 @@ restart() {
 ensure_running() {
   local name
   kill -0 "${PID_OF[mock]}" 2>/dev/null || die "bench-mock died (see $TMP/mock.log)"
-  for name in nginx pingora-min edge-api edge-pass; do
+  for name in "${PROXIES[@]}"; do
     if ! kill -0 "${PID_OF[$name]}" 2>/dev/null; then
       log "$name is not running: restarting it (its log: $TMP/$name.log)"
       start "$name"
@@ -364,7 +388,7 @@ url_of() {
     direct) echo "http://$MOCK_ADDR/v1/chat/completions" ;;
     nginx) echo "http://127.0.0.1:${PORT_OF[nginx]}/v1/chat/completions" ;;
     pingora-min) echo "http://127.0.0.1:${PORT_OF[pingora-min]}/v1/chat/completions" ;;
-    edge-api) echo "http://127.0.0.1:${PORT_OF[edge-api]}/v1/chat/completions" ;;
+    edge-api | edge-traced) echo "http://127.0.0.1:${PORT_OF[$1]}/v1/chat/completions" ;;
     edge-pass) echo "http://127.0.0.1:${PORT_OF[edge-pass]}/pass/v1/chat/completions" ;;
   esac
 }
@@ -372,7 +396,10 @@ url_of() {
 # The model the mock sees: renamed by the API-call route only (nginx, pingora-min and the
 # pass-through route forward the body untouched).
 model_seen_by_mock() {
-  if [[ $1 == edge-api ]]; then echo bench-upstream; else echo bench; fi
+  case $1 in
+    edge-api | edge-traced) echo bench-upstream ;;
+    *) echo bench ;;
+  esac
 }
 
 # wrk_json CONNS SECS BODY URL: a wrk run on the load CPU; prints its JSON summary or "null".
@@ -428,11 +455,52 @@ load() {
 
 RAW=$TMP/raw.jsonl
 
+# trace_flush: POST /admin/traces/flush to edge-traced; returns once every trace record of the
+# calls so far is written, prints llm-edge's counters ({"flushed":true,"written":N,"dropped":N,…})
+# or nothing.
+trace_flush() {
+  taskset -c "$LOAD_CPU" curl -sS --max-time 40 -X POST \
+    "http://127.0.0.1:${PORT_OF[edge-traced-admin]}/admin/traces/flush" 2>>"$TMP/client.log" || true
+}
+
+# dropped_of FLUSH_JSON: its "dropped" counter, or nothing.
+dropped_of() {
+  sed -n 's/.*"dropped":\([0-9]*\).*/\1/p' <<<"$1"
+}
+
+# reset_traces: empties the trace file and removes rotated ones (only while llm-edge is idle and
+# its writer flushed: it appends, so the next record lands at the start of the empty file).
+reset_traces() {
+  : >"$TRACES"
+  rm -f "$TRACES".[0-9]*
+}
+
+# trace_lines: records written since reset_traces (rotated files included).
+trace_lines() {
+  local f n total=0
+  for f in "$TRACES" "$TRACES".[0-9]*; do
+    [[ -f $f ]] || continue
+    n=$(wc -l <"$f")
+    total=$((total + n))
+  done
+  echo "$total"
+}
+
 # measure ROUND SCENARIO TARGET: warm-up, then one measured run; appends a line to $RAW.
+# edge-traced: its trace writer is flushed and the trace file emptied after the warm-up; after
+# the run, the writer is flushed again before the CPU reading (the writing of this run's records
+# is part of its cost), and the line count and the records dropped are added to the line as
+# "traces" and "traces_dropped".
 measure() {
   local round=$1 sc=$2 target=$3 pids result t0 t1 n0 n1 m0 m1 proxy alive start
+  local traced=0 traces="" flushed d0="" d1=""
   ensure_running
   warm_up "$sc" "$target"
+  if [[ $target == edge-traced ]]; then
+    traced=1
+    d0=$(dropped_of "$(trace_flush)")
+    reset_traces
+  fi
   mapfile -t pids < <(pids_of "$target")
   reset_hwm "${pids[@]}"
   start=$SECONDS
@@ -440,6 +508,7 @@ measure() {
   n0=$(cpu_ns "${pids[@]}")
   m0=$(cpu_ns "${PID_OF[mock]}")
   result=$(load "$sc" "$target")
+  ((traced == 0)) || flushed=$(trace_flush)
   n1=$(cpu_ns "${pids[@]}")
   t1=$(cpu_ticks "${pids[@]}")
   m1=$(cpu_ns "${PID_OF[mock]}")
@@ -451,8 +520,19 @@ measure() {
   else
     proxy=null
   fi
-  printf '{"round":%d,"scenario":"%s","target":"%s","load":%s,"proxy":%s,"mock":{"cpu_ns":%d}}\n' \
-    "$round" "$sc" "$target" "$result" "$proxy" "$((m1 - m0))" >>"$RAW"
+  if ((traced)); then
+    d1=$(dropped_of "$flushed")
+    if [[ -n $d0 && -n $d1 ]]; then
+      traces=",\"traces_dropped\":$((d1 - d0))"
+    else
+      log "round $round $sc $target: POST /admin/traces/flush failed (see $TMP/client.log)"
+      traces=",\"traces_dropped\":null"
+    fi
+    traces=",\"traces\":$(trace_lines)$traces"
+    reset_traces
+  fi
+  printf '{"round":%d,"scenario":"%s","target":"%s","load":%s,"proxy":%s,"mock":{"cpu_ns":%d}%s}\n' \
+    "$round" "$sc" "$target" "$result" "$proxy" "$((m1 - m0))" "$traces" >>"$RAW"
   if [[ $result == null ]]; then
     log "round $round $sc $target: NO RESULT from the load tool (see $TMP/client.log)"
   else
@@ -467,12 +547,12 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT_DIR"
 make_bodies
 write_configs
-for name in mock nginx pingora-min edge-api edge-pass; do
+for name in mock "${PROXIES[@]}"; do
   start "$name"
 done
 log "ports: mock ${PORT_OF[mock]}, nginx ${PORT_OF[nginx]}, pingora-min ${PORT_OF[pingora-min]}," \
-  "edge-api ${PORT_OF[edge-api]}, edge-pass ${PORT_OF[edge-pass]};" \
-  "proxy CPU $PROXY_CPU, load CPU $LOAD_CPU"
+  "edge-api ${PORT_OF[edge-api]}, edge-traced ${PORT_OF[edge-traced]}," \
+  "edge-pass ${PORT_OF[edge-pass]}; proxy CPU $PROXY_CPU, load CPU $LOAD_CPU"
 log "$ROUNDS round(s), quick=$QUICK; raw results in $RAW"
 
 ORDERS=()
@@ -484,11 +564,12 @@ for ((r = 0; r < ROUNDS; r++)); do
   ORDERS+=("${order[*]}")
   for sc in "${SCENARIOS[@]}"; do
     if [[ $sc == s5 ]]; then
-      for name in nginx pingora-min edge-api edge-pass; do
-        restart "$name"
+      for name in "${PROXIES[@]}"; do
+        if runs_in "$name" s5; then restart "$name"; fi
       done
     fi
     for target in "${order[@]}"; do
+      runs_in "$target" "$sc" || continue
       measure "$((r + 1))" "$sc" "$target"
     done
   done

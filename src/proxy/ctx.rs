@@ -72,7 +72,7 @@ pub struct RequestCtx {
     /// Headers added to whatever response the client gets (request id, CORS, rate limits).
     pub response_headers: Vec<(&'static str, String)>,
     /// Headers set on the upstream request (request id, forwarding headers).
-    pub upstream_headers: Vec<(&'static str, http::HeaderValue)>,
+    pub upstream_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// What kind of request this was (metrics label).
     pub kind: crate::observe::metrics::RequestKind,
     /// Upstream time to the response header (last attempt).

@@ -477,7 +477,7 @@ async fn relay(
 struct Request<'a> {
     out: &'a Outbound<'a>,
     key: Option<&'a PooledKey>,
-    ours: &'a [(&'static str, http::HeaderValue)],
+    ours: &'a [(http::HeaderName, http::HeaderValue)],
 }
 
 /// Writes all of `bufs` (vectored: one syscall for head and body when the socket takes it).

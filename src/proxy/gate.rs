@@ -6,7 +6,7 @@ use crate::config::Limits;
 use crate::error::EdgeError;
 use crate::security::{client_addr, rate};
 use crate::snapshot::Snapshot;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
@@ -87,7 +87,7 @@ pub fn client_address(
     ctx.upstream_headers.push((X_REQUEST_ID, id));
 }
 
-const X_REQUEST_ID: &str = "X-Request-Id";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Authenticates the client and charges its rate limits (401, 429).
 pub fn admit_client(

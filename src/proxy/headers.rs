@@ -69,7 +69,7 @@ pub fn upstream_api_request(
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
     body_len: usize,
-    ours: &[(&'static str, http::HeaderValue)],
+    ours: &[(HeaderName, http::HeaderValue)],
 ) -> pingora::Result<RequestHeader> {
     let path = format!("{}{}", endpoint.base_path, path_and_query);
     let mut req = RequestHeader::build(
@@ -85,7 +85,7 @@ pub fn upstream_api_request(
         req.append_header(name.clone(), value.clone())?;
     }
     for (k, v) in ours {
-        req.insert_header(*k, v.clone())?;
+        req.insert_header(k.clone(), v.clone())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
     req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
@@ -105,7 +105,7 @@ pub fn api_request_h1_head(
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
     body_len: usize,
-    ours: &[(&'static str, http::HeaderValue)],
+    ours: &[(HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
     let bad = |b: &u8| matches!(b, b' ' | b'\r' | b'\n' | 0);
     if endpoint.base_path.bytes().any(|b| bad(&b)) || path_and_query.bytes().any(|b| bad(&b)) {
@@ -131,9 +131,7 @@ pub fn api_request_h1_head(
     for (name, value) in client.headers.iter() {
         // Ours and the key header replace a client's header of the same name.
         if dropped_on_api_call(name, &nominated)
-            || ours
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case(name.as_str()))
+            || ours.iter().any(|(k, _)| k == name)
             || key_header == Some(name)
         {
             continue;
@@ -141,7 +139,7 @@ pub fn api_request_h1_head(
         line(buf, name.as_str().as_bytes(), value.as_bytes());
     }
     for (k, v) in ours {
-        line(buf, k.as_bytes(), v.as_bytes());
+        line(buf, k.as_str().as_bytes(), v.as_bytes());
     }
     let mut digits = [0u8; 20];
     line(buf, b"Content-Length", decimal(body_len, &mut digits));
@@ -170,6 +168,16 @@ fn stripped_on_passthrough(name: &str) -> bool {
     CLIENT_CREDENTIALS.contains(&name) || FORWARDING_HEADERS.contains(&name)
 }
 
+/// Takes the request's parts out, leaving an empty header behind. The parts have a single
+/// header map: Pingora's `RequestHeader` keeps a second one for the names' original case,
+/// and every insert into both (with their growth) was the largest cost of this path. Names
+/// then go out in their canonical form (title case for the common ones, lowercase for the
+/// rest), which HTTP/1.1 treats as equal and HTTP/2 requires.
+fn take_parts(req: &mut RequestHeader) -> http::request::Parts {
+    let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
+    std::mem::replace(req, empty).into()
+}
+
 /// Rewrites a pass-through request in place: new path, `Host`, client credentials removed,
 /// upstream key added. Pingora itself strips hop-by-hop headers on this path.
 pub fn rewrite_passthrough_request(
@@ -177,37 +185,55 @@ pub fn rewrite_passthrough_request(
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
-    ours: &[(&'static str, http::HeaderValue)],
+    ours: &[(HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
     let unchanged = endpoint.base_path.is_empty()
         && req.uri.path_and_query().map(|p| p.as_str()) == Some(path_and_query);
-    if !unchanged {
+    let uri = if unchanged {
+        None
+    } else {
         let path = format!("{}{}", endpoint.base_path, path_and_query);
-        let uri: http::Uri = path.parse().map_err(|e| {
+        Some(path.parse::<http::Uri>().map_err(|e| {
             pingora::Error::because(
                 pingora::ErrorType::InvalidHTTPHeader,
                 "rewriting the pass-through path",
                 e,
             )
-        })?;
-        req.set_uri(uri);
+        })?)
+    };
+    let host = http::HeaderValue::from_str(&endpoint.authority).map_err(|e| {
+        pingora::Error::because(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "the endpoint's authority as Host",
+            e,
+        )
+    })?;
+    let end_stream = req.send_end_stream();
+    let mut parts = take_parts(req);
+    if let Some(uri) = uri {
+        parts.uri = uri;
     }
-    // Each removal hashes the name twice; most requests carry few of these, so look first.
-    let strip: Vec<HeaderName> = req
-        .headers
+    let h = &mut parts.headers;
+    // Most requests carry few of these: look before removing.
+    let strip: Vec<HeaderName> = h
         .keys()
         .filter(|n| stripped_on_passthrough(n.as_str()))
         .cloned()
         .collect();
     for name in &strip {
-        req.remove_header(name);
+        h.remove(name);
     }
+    h.reserve(ours.len() + 2);
     for (k, v) in ours {
-        req.insert_header(*k, v.clone())?;
+        h.insert(k.clone(), v.clone());
     }
-    req.insert_header(header::HOST, endpoint.authority.as_str())?;
+    h.insert(header::HOST, host);
     if let Some(k) = key {
-        req.insert_header(k.header.clone(), k.value.clone())?;
+        h.insert(k.header.clone(), k.value.clone());
+    }
+    *req = RequestHeader::from(parts);
+    if let Some(end) = end_stream {
+        req.set_send_end_stream(end);
     }
     Ok(())
 }
@@ -241,29 +267,53 @@ pub fn downstream_response(
     Ok(resp)
 }
 
-/// Adds llm-edge's own response headers (request id, CORS, rate limits) to a response.
+/// Adds llm-edge's own response headers (request id, CORS, rate limits) to a response. The
+/// edits go to the header's parts (one map, see [`take_parts`]).
 pub fn add_ours(resp: &mut ResponseHeader, ours: &[(&'static str, String)]) -> pingora::Result<()> {
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(resp, empty).into();
+    let result = add_ours_to(&mut parts.headers, ours);
+    *resp = ResponseHeader::from(parts);
+    result
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+fn add_ours_to(h: &mut http::HeaderMap, ours: &[(&'static str, String)]) -> pingora::Result<()> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        pingora::Error::explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            format!("adding a response header: {e}"),
+        )
+    };
+    h.reserve(ours.len() + 1);
     for (k, v) in ours {
-        if *k == "x-request-id" {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| invalid(&e))?;
+        if name == X_REQUEST_ID {
             // The client gets its own id back; the provider's id (which its support asks
             // for) stays available under another name.
-            if let Some(theirs) = resp.remove_header("x-request-id") {
-                resp.insert_header("x-upstream-request-id", theirs)?;
+            if let Some(theirs) = h.remove(&X_REQUEST_ID) {
+                h.insert(X_UPSTREAM_REQUEST_ID, theirs);
             }
         }
-        if *k == "vary" {
+        let value = if name == header::VARY {
             // Keep the upstream's Vary (e.g. Accept-Encoding) and add ours to it.
-            let merged = match resp.headers.get("vary").and_then(|x| x.to_str().ok()) {
+            match h.get(header::VARY).and_then(|x| x.to_str().ok()) {
                 Some(theirs) if !theirs.split(',').any(|t| t.trim().eq_ignore_ascii_case(v)) => {
                     format!("{theirs}, {v}")
                 }
                 Some(theirs) => theirs.to_string(),
                 None => v.clone(),
-            };
-            resp.insert_header("vary", merged)?;
-            continue;
-        }
-        resp.insert_header(*k, v.as_str())?;
+            }
+        } else {
+            v.clone()
+        };
+        let value = http::HeaderValue::try_from(value).map_err(|e| invalid(&e))?;
+        h.insert(name, value);
     }
     Ok(())
 }
@@ -300,6 +350,119 @@ mod tests {
         assert_eq!(req.headers["host"], "10.0.0.1:8000");
         assert_eq!(req.headers["anthropic-version"], "2023-06-01");
         assert_eq!(req.headers["x-custom"], "kept");
+    }
+
+    #[test]
+    fn h1_head_is_the_same_request_in_wire_form() {
+        let mut client = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in [
+            ("authorization", "Bearer client-secret"),
+            ("x-request-id", "from-client"),
+            ("x-custom", "kept"),
+            ("content-length", "999"),
+            ("host", "proxy.local"),
+            ("connection", "keep-alive, x-drop-me"),
+            ("x-drop-me", "1"),
+        ] {
+            client.append_header(k, v).unwrap();
+        }
+        let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
+        let ours = [
+            (X_REQUEST_ID, http::HeaderValue::from_static("ours")),
+            (
+                HeaderName::from_static("x-forwarded-for"),
+                http::HeaderValue::from_static("192.0.2.1"),
+            ),
+        ];
+        let mut buf = bytes::BytesMut::new();
+        api_request_h1_head(
+            &mut buf,
+            &client,
+            "/v1/chat/completions?x=1",
+            &ep,
+            None,
+            42,
+            &ours,
+        )
+        .unwrap();
+        let head = std::str::from_utf8(&buf).unwrap();
+        assert!(
+            head.starts_with(
+                "POST /base/v1/chat/completions?x=1 HTTP/1.1\r\nHost: 10.0.0.1:8000\r\n"
+            ),
+            "{head}"
+        );
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        assert!(head.contains("\r\nx-custom: kept\r\n"), "{head}");
+        assert!(
+            head.contains("\r\nx-forwarded-for: 192.0.2.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nContent-Length: 42\r\n"), "{head}");
+        assert_eq!(head.matches("x-request-id: ").count(), 1, "{head}");
+        assert!(head.contains("x-request-id: ours\r\n"), "{head}");
+        for gone in [
+            "client-secret",
+            "from-client",
+            "999",
+            "proxy.local",
+            "x-drop-me",
+            "onnection",
+        ] {
+            assert!(!head.contains(gone), "{gone} in {head}");
+        }
+        // A target with a delimiter byte is refused rather than written.
+        let bad = api_request_h1_head(&mut buf, &client, "/v1/a b", &ep, None, 0, &[]);
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn passthrough_rewrite_keeps_the_path_and_replaces_ours() {
+        let mut req = RequestHeader::build("POST", b"/v1/files?purpose=x", None).unwrap();
+        for (k, v) in [
+            ("Authorization", "Bearer client-secret"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Custom", "kept"),
+            ("Host", "proxy.local"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        // An h2 client's request keeps its END_STREAM choice.
+        req.set_version(http::Version::HTTP_2);
+        req.set_send_end_stream(false);
+        let ep = parse_endpoint("http://10.0.0.1:8000").unwrap();
+        let ours = [(
+            HeaderName::from_static("x-forwarded-for"),
+            http::HeaderValue::from_static("192.0.2.1"),
+        )];
+        rewrite_passthrough_request(&mut req, "/v1/files?purpose=x", &ep, None, &ours).unwrap();
+        assert_eq!(req.uri.to_string(), "/v1/files?purpose=x");
+        assert!(req.headers.get("authorization").is_none());
+        assert_eq!(req.headers["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(req.headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(req.headers["x-custom"], "kept");
+        assert_eq!(req.headers["host"], "10.0.0.1:8000");
+        assert_eq!(req.send_end_stream(), Some(false));
+
+        let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
+        rewrite_passthrough_request(&mut req, "/v1/files", &ep, None, &ours).unwrap();
+        assert_eq!(req.uri.to_string(), "/base/v1/files");
+    }
+
+    #[test]
+    fn ours_keep_the_upstream_request_id_and_vary() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("X-Request-Id", "provider-1").unwrap();
+        resp.append_header("Vary", "Accept-Encoding").unwrap();
+        let ours = [
+            ("x-request-id", "req_1".to_string()),
+            ("vary", "Origin".to_string()),
+        ];
+        add_ours(&mut resp, &ours).unwrap();
+        assert_eq!(resp.headers["x-request-id"], "req_1");
+        assert_eq!(resp.headers["x-upstream-request-id"], "provider-1");
+        assert_eq!(resp.headers["vary"], "Accept-Encoding, Origin");
+        assert!(add_ours(&mut resp, &[("bad name", "x".into())]).is_err());
     }
 
     #[test]

@@ -54,9 +54,13 @@ pub fn real_client(peer: IpAddr, headers: &http::HeaderMap, nets: &[IpNet]) -> I
         .unwrap_or(peer)
 }
 
-/// `X-Forwarded-For` (read from trusted proxies).
+/// `X-Real-IP` toward upstreams.
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Forwarded-Proto` toward upstreams.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-For` (read from trusted proxies, sent upstream).
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// `Forwarded` (RFC 7239, read from trusted proxies).
+/// `Forwarded` (RFC 7239, read from trusted proxies, sent upstream).
 pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// A header value assembled on the stack: this runs for every request, so addresses are
@@ -156,7 +160,7 @@ pub fn upstream_headers(
     headers: &http::HeaderMap,
     nets: &[IpNet],
     tls: bool,
-) -> [(&'static str, HeaderValue); 4] {
+) -> [(HeaderName, HeaderValue); 4] {
     let peer = canonical(peer);
     let from_trusted = trusted(peer, nets);
     let proto: &[u8] = if tls { b"https" } else { b"http" };
@@ -178,15 +182,14 @@ pub fn upstream_headers(
     forwarded.push(proto);
 
     let real_ip = ValueBuf::new().push_ip(client).value();
-    // Names as nginx writes them; static strings are the cheapest names for Pingora to insert.
     [
-        ("X-Forwarded-For", xff.value()),
-        ("X-Real-IP", real_ip),
+        (X_FORWARDED_FOR, xff.value()),
+        (X_REAL_IP, real_ip),
         (
-            "X-Forwarded-Proto",
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if tls { "https" } else { "http" }),
         ),
-        ("Forwarded", forwarded.value()),
+        (FORWARDED, forwarded.value()),
     ]
 }
 

@@ -3,9 +3,13 @@
 //! Input (`--raw FILE`): one JSON object per line and measurement:
 //! `{"round":1,"scenario":"s1","target":"nginx","load":{…},"proxy":{"cpu_ns":N,"cpu_ticks":N,
 //! "rss_kb":N,"alive":true}}` where `load` is the `wrk` summary (S1, S2) or the `bench-sse` report (S3–S5)
-//! and `proxy` is null for the direct target. Every figure is computed per round, then the median
-//! over rounds is taken; "extra" figures of S4 are differences to the direct target of the same
-//! round. Prints the table on stdout and writes `{meta, summary, raw}` to `--out`.
+//! and `proxy` is null for the direct target; `edge-traced` lines also carry `"traces":N` (trace
+//! records written during the run) and `"traces_dropped":N` (null when the flush failed). Every
+//! figure is computed per round, then the median over rounds is taken; "extra" figures of S4 are
+//! differences to the direct target of the same round. A target without measurements in a
+//! scenario (`edge-traced` runs only in S1 and S3) shows `-`. Below the table, the cost of tracing
+//! every call (S3, `edge-traced` against `edge-api`, from the medians). Prints the table on stdout
+//! and writes `{meta, summary, tracing_cost, problems, raw}` to `--out`.
 //!
 //! Usage: `bench-report --raw raw.jsonl --clk-tck 100 --meta meta.json --out results.json`
 
@@ -15,9 +19,22 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// Target names in table order; ratios are to `nginx`. `pingora-min` (the Pingora floor) sits
-/// next to nginx so llm-edge's columns read as that floor plus llm-edge's own cost.
-const TARGETS: [&str; 5] = ["direct", "nginx", "pingora-min", "edge-api", "edge-pass"];
+/// next to nginx so llm-edge's columns read as that floor plus llm-edge's own cost;
+/// `edge-traced` (edge-api with a trace record for every call) next to `edge-api`.
+const TARGETS: [&str; 6] = [
+    "direct",
+    "nginx",
+    "pingora-min",
+    "edge-api",
+    "edge-traced",
+    "edge-pass",
+];
 const BASELINE: &str = "nginx";
+/// The tracing cost compares these two targets in S3.
+const UNTRACED: &str = "edge-api";
+const TRACED: &str = "edge-traced";
+/// Goal: tracing every call raises S3 CPU per stream by at most this much (and TTFB not at all).
+const TRACING_CPU_TARGET_PCT: f64 = 25.0;
 
 /// How a figure is combined over rounds.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,6 +63,11 @@ struct Measurement {
     target: String,
     load: Value,
     proxy: Option<Value>,
+    /// `edge-traced`: trace records written during the run.
+    traces: Option<f64>,
+    /// `edge-traced`: records dropped during the run (queue full); `Some(None)` when `traces` is
+    /// recorded but the flush that counts drops failed.
+    traces_dropped: Option<Option<f64>>,
 }
 
 /// Per-computation context: the tick rate and the direct measurement of the same round.
@@ -304,6 +326,10 @@ fn parse_raw(text: &str) -> Result<Vec<Measurement>, String> {
             target: s("target")?,
             load: v.get("load").cloned().unwrap_or(Value::Null),
             proxy: v.get("proxy").filter(|p| !p.is_null()).cloned(),
+            traces: v.get("traces").and_then(Value::as_f64),
+            traces_dropped: v
+                .get("traces")
+                .map(|_| v.get("traces_dropped").and_then(Value::as_f64)),
         });
     }
     Ok(out)
@@ -331,9 +357,65 @@ fn real_main() -> Result<(), String> {
         None => Value::Null,
     };
 
+    let report = build_report(&raw, clk_tck);
+    print!("{}", report.table);
+    if let Some(line) = &report.tracing_line {
+        println!("{line}");
+    }
+    if report.notes.is_empty() {
+        println!("no failures");
+    } else {
+        println!("problems:");
+        for n in &report.notes {
+            println!("  {n}");
+        }
+    }
+    if let Some(out) = flags.get("out") {
+        let raw_values: Vec<Value> = raw_text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let doc = json!({
+            "meta": meta,
+            "summary": report.summary,
+            "tracing_cost": report.tracing_cost,
+            "problems": report.notes,
+            "raw": raw_values,
+        });
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        std::fs::write(out, text + "\n").map_err(|e| format!("writing {out}: {e}"))?;
+    }
+    if report.notes.is_empty() {
+        Ok(())
+    } else {
+        // Still a complete report; the exit status tells scripts something failed.
+        std::process::exit(1)
+    }
+}
+
+/// What `bench-report` prints and writes.
+struct Report {
+    /// The table, one line per figure (with its trailing newline).
+    table: String,
+    /// Per scenario, figure and target: value, ratio to nginx, per-round values.
+    summary: Map<String, Value>,
+    /// "tracing on every call: …", when S3 has both edge-api and edge-traced.
+    tracing_line: Option<String>,
+    /// The same figures as JSON (null when there is no line).
+    tracing_cost: Value,
+    /// The "problems" list.
+    notes: Vec<String>,
+}
+
+/// Medians (or sums) over rounds: (scenario, figure key) -> target -> value.
+type Combined = BTreeMap<(&'static str, &'static str), BTreeMap<&'static str, f64>>;
+
+fn build_report(raw: &[Measurement], clk_tck: f64) -> Report {
     let mut summary = Map::new();
     let mut table = String::new();
     let mut notes: Vec<String> = Vec::new();
+    let mut all_combined = Combined::new();
     let w = 24;
     let _ = writeln!(
         table,
@@ -354,7 +436,7 @@ fn real_main() -> Result<(), String> {
         let mut s_json = Map::new();
         for metric in metrics(scenario) {
             // Per target: the per-round values.
-            let mut per_target: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+            let mut per_target: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
             for m in &of_scenario {
                 let direct = of_scenario
                     .iter()
@@ -367,7 +449,7 @@ fn real_main() -> Result<(), String> {
                     }
                 }
             }
-            let combined: BTreeMap<&str, f64> = per_target
+            let combined: BTreeMap<&'static str, f64> = per_target
                 .iter()
                 .filter_map(|(t, vals)| {
                     let mut vals = vals.clone();
@@ -416,6 +498,7 @@ fn real_main() -> Result<(), String> {
                     "targets": m_json,
                 }),
             );
+            all_combined.insert((scenario, metric.key), combined);
         }
         summary.insert(scenario.to_string(), Value::Object(s_json));
         for m in &of_scenario {
@@ -465,38 +548,97 @@ fn real_main() -> Result<(), String> {
                     m.round, m.target
                 ));
             }
+            notes.extend(trace_notes(scenario, m));
         }
     }
-    print!("{table}");
-    if notes.is_empty() {
-        println!("no failures");
-    } else {
-        println!("problems:");
-        for n in &notes {
-            println!("  {n}");
+    let (tracing_line, tracing_cost) = match tracing_cost(&all_combined, raw) {
+        Some((line, v)) => (Some(line), v),
+        None => (None, Value::Null),
+    };
+    Report {
+        table,
+        summary,
+        tracing_line,
+        tracing_cost,
+        notes,
+    }
+}
+
+/// Problems with the trace records of an `edge-traced` measurement: dropped records, a failed
+/// flush, or (S3) fewer records than streams that ended with `[DONE]`, so not every call was
+/// traced and the measurement does not show the cost of tracing every call.
+fn trace_notes(scenario: &str, m: &Measurement) -> Vec<String> {
+    let mut notes = Vec::new();
+    let Some(traces) = m.traces else {
+        return notes;
+    };
+    let at = format!("{scenario} round {} {}", m.round, m.target);
+    match m.traces_dropped {
+        Some(Some(d)) if d > 0.0 => notes.push(format!(
+            "{at}: {d} trace records dropped (the trace queue was full)"
+        )),
+        Some(None) => notes.push(format!(
+            "{at}: POST /admin/traces/flush failed (trace records not all counted)"
+        )),
+        _ => {}
+    }
+    if scenario == "s3" {
+        if let Some(done) = m.sse(&["done"]).filter(|d| traces < *d) {
+            notes.push(format!(
+                "{at}: {traces} trace records for {done} streams ended with [DONE] (every call \
+                 should have one)"
+            ));
         }
     }
-    if let Some(out) = flags.get("out") {
-        let raw_values: Vec<Value> = raw_text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        let doc = json!({
-            "meta": meta,
-            "summary": summary,
-            "problems": notes,
-            "raw": raw_values,
-        });
-        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-        std::fs::write(out, text + "\n").map_err(|e| format!("writing {out}: {e}"))?;
-    }
-    if notes.is_empty() {
-        Ok(())
-    } else {
-        // Still a complete report; the exit status tells scripts something failed.
-        std::process::exit(1)
-    }
+    notes
+}
+
+/// The cost of tracing every call, from the S3 medians of `edge-traced` and `edge-api`: the
+/// line printed below the table and its JSON. None unless both targets have the three figures.
+fn tracing_cost(c: &Combined, raw: &[Measurement]) -> Option<(String, Value)> {
+    let get = |key: &'static str, t: &str| c.get(&("s3", key))?.get(t).copied();
+    let (cpu_a, cpu_t) = (get("cpu_us", UNTRACED)?, get("cpu_us", TRACED)?);
+    let (p50_a, p50_t) = (get("ttfb_p50", UNTRACED)?, get("ttfb_p50", TRACED)?);
+    let (p99_a, p99_t) = (get("ttfb_p99", UNTRACED)?, get("ttfb_p99", TRACED)?);
+    let cpu_pct = (cpu_a > 0.0).then(|| (cpu_t / cpu_a - 1.0) * 100.0)?;
+    let (d50, d99) = (p50_t - p50_a, p99_t - p99_a);
+    let line = format!(
+        "tracing on every call: S3 CPU/stream {cpu_pct:+.1}% (target <= {TRACING_CPU_TARGET_PCT:.0}%), \
+         TTFB p50 {d50:+.3} ms, p99 {d99:+.3} ms"
+    );
+    let rounds: Vec<Value> = raw
+        .iter()
+        .filter(|m| m.scenario == "s3" && m.target == TRACED)
+        .map(|m| {
+            json!({
+                "round": m.round,
+                "traces": m.traces,
+                "traces_dropped": m.traces_dropped.flatten(),
+                "streams": m.sse(&["streams"]),
+                "done": m.sse(&["done"]),
+            })
+        })
+        .collect();
+    let pair = |a: f64, t: f64, delta: &str, d: f64| {
+        let mut v = Map::new();
+        v.insert(UNTRACED.to_string(), json!(round3(a)));
+        v.insert(TRACED.to_string(), json!(round3(t)));
+        v.insert(delta.to_string(), json!(round3(d)));
+        Value::Object(v)
+    };
+    let mut cpu = pair(cpu_a, cpu_t, "increase_pct", cpu_pct);
+    cpu["target_max_pct"] = json!(TRACING_CPU_TARGET_PCT);
+    cpu["within_target"] = json!(cpu_pct <= TRACING_CPU_TARGET_PCT);
+    let v = json!({
+        "scenario": "s3",
+        "baseline": UNTRACED,
+        "traced": TRACED,
+        "cpu_us_per_stream": cpu,
+        "ttfb_p50_ms": pair(p50_a, p50_t, "increase_ms", d50),
+        "ttfb_p99_ms": pair(p99_a, p99_t, "increase_ms", d99),
+        "rounds": rounds,
+    });
+    Some((line, v))
 }
 
 #[cfg(test)]
@@ -521,5 +663,201 @@ mod tests {
         assert_eq!(raw[1].cpu_us_per(Some(10.0), &c), Some(2000.0));
         assert_eq!(raw[1].rss_mb(), Some(2.0));
         assert_eq!(raw[0].cpu_us_per(Some(10.0), &c), None);
+    }
+
+    /// An S3 `bench-sse` line: `cpu_ns` of proxy CPU for `streams` streams.
+    fn s3(round: u64, target: &str, ttfb: (f64, f64), cpu_ns: u64, traces: &str) -> String {
+        let proxy = if target == "direct" {
+            "null".to_string()
+        } else {
+            format!(r#"{{"cpu_ns":{cpu_ns},"cpu_ticks":1,"rss_kb":1024,"alive":true}}"#)
+        };
+        format!(
+            r#"{{"round":{round},"scenario":"s3","target":"{target}","load":{{"streams":1000,"done":1000,"failures":0,"connections":16,"close_delimited":0,"ttfb_ms":{{"p50":{},"p99":{}}},"total_ms":{{"p50":1.0,"p99":2.0}},"streams_per_s":5000}},"proxy":{proxy},"mock":{{"cpu_ns":1}}{traces}}}"#,
+            ttfb.0, ttfb.1
+        )
+    }
+
+    /// An S2 `wrk` line.
+    fn s2(round: u64, target: &str, cpu_ns: u64) -> String {
+        format!(
+            r#"{{"round":{round},"scenario":"s2","target":"{target}","load":{{"requests":1000,"duration_us":1000000,"latency_us":{{"p50":500,"p99":900}},"errors":{{"connect":0,"read":0,"write":0,"status":0,"timeout":0}}}},"proxy":{{"cpu_ns":{cpu_ns},"cpu_ticks":1,"rss_kb":1024,"alive":true}}}}"#
+        )
+    }
+
+    /// The cells of a table row, one per target (labels may hold multi-byte characters).
+    fn cells(row: &str) -> Vec<String> {
+        let chars: Vec<char> = row.chars().collect();
+        (0..TARGETS.len())
+            .map(|i| {
+                chars[26 + i * 24..26 + (i + 1) * 24]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    fn row<'a>(table: &'a str, scenario_title: &str, label: &str) -> &'a str {
+        table
+            .lines()
+            .skip_while(|l| !l.starts_with(scenario_title))
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap()
+    }
+
+    #[test]
+    fn missing_cells_and_tracing_cost() {
+        let lines = [
+            // S2: edge-traced does not run there.
+            s2(1, "nginx", 10_000_000),
+            s2(1, "edge-api", 30_000_000),
+            s2(2, "nginx", 12_000_000),
+            s2(2, "edge-api", 36_000_000),
+            // S3, two rounds: edge-api 40 and 44 µs/stream (median 42), edge-traced 48 and 50
+            // (median 49: +16.7 %); TTFB p50 medians 0.5 vs 0.55, p99 2.0 vs 2.25.
+            s3(1, "direct", (0.2, 1.0), 0, ""),
+            s3(1, "nginx", (0.4, 1.5), 20_000_000, ""),
+            s3(1, "edge-api", (0.5, 2.0), 40_000_000, ""),
+            s3(
+                1,
+                "edge-traced",
+                (0.5, 2.0),
+                48_000_000,
+                r#","traces":1000,"traces_dropped":0"#,
+            ),
+            s3(2, "direct", (0.2, 1.0), 0, ""),
+            s3(2, "nginx", (0.4, 1.5), 20_000_000, ""),
+            s3(2, "edge-api", (0.5, 2.0), 44_000_000, ""),
+            s3(
+                2,
+                "edge-traced",
+                (0.6, 2.5),
+                50_000_000,
+                r#","traces":1000,"traces_dropped":0"#,
+            ),
+        ];
+        let raw = parse_raw(&lines.join("\n")).unwrap();
+        let r = build_report(&raw, 100.0);
+
+        // The header has every target in order, edge-traced right after edge-api.
+        let header: Vec<&str> = r.table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header[1..], TARGETS);
+
+        // S2: "-" in the edge-traced column; the other cells and ratios are unaffected.
+        let cpu = cells(row(&r.table, "S2 non-stream, ~100 KB body", "proxy CPU"));
+        assert_eq!(
+            cpu,
+            ["-", "11.00 (1.00x)", "-", "33.00 (3.00x)", "-", "-"],
+            "{}",
+            r.table
+        );
+        let s2_cpu = &r.summary["s2"]["cpu_us"]["targets"];
+        assert!(s2_cpu.get("edge-traced").is_none());
+        assert_eq!(s2_cpu["edge-api"]["value"], json!(33.0));
+        assert_eq!(s2_cpu["edge-api"]["ratio_to_nginx"], json!(3.0));
+        let reqs = cells(row(
+            &r.table,
+            "S2 non-stream, ~100 KB body",
+            "requests (all",
+        ));
+        assert_eq!(reqs[4], "-");
+        assert_eq!(reqs[3], "2000");
+
+        // S3: edge-traced has its cells, medians over its rounds.
+        let cpu = cells(row(
+            &r.table,
+            "S3 streams, 20 chunks, no delay",
+            "proxy CPU",
+        ));
+        assert_eq!(cpu[3], "42.00 (2.10x)");
+        assert_eq!(cpu[4], "49.00 (2.45x)");
+        assert_eq!(cpu[5], "-");
+        assert_eq!(
+            r.summary["s3"]["cpu_us"]["targets"]["edge-traced"]["rounds"],
+            json!([48.0, 50.0])
+        );
+
+        assert_eq!(
+            r.tracing_line.as_deref(),
+            Some(
+                "tracing on every call: S3 CPU/stream +16.7% (target <= 25%), TTFB p50 +0.050 ms, \
+                 p99 +0.250 ms"
+            )
+        );
+        let t = &r.tracing_cost;
+        assert_eq!(t["cpu_us_per_stream"]["edge-api"], json!(42.0));
+        assert_eq!(t["cpu_us_per_stream"]["edge-traced"], json!(49.0));
+        assert_eq!(t["cpu_us_per_stream"]["increase_pct"], json!(16.667));
+        assert_eq!(t["cpu_us_per_stream"]["within_target"], json!(true));
+        assert_eq!(t["ttfb_p50_ms"]["increase_ms"], json!(0.05));
+        assert_eq!(t["ttfb_p99_ms"]["increase_ms"], json!(0.25));
+        assert_eq!(t["rounds"][1]["traces"], json!(1000.0));
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn tracing_cost_needs_both_targets_and_checks_the_traces() {
+        // No edge-traced in S3: no line, null JSON, table unchanged otherwise.
+        let raw = parse_raw(
+            &[
+                s3(1, "nginx", (0.4, 1.5), 20_000_000, ""),
+                s3(1, "edge-api", (0.5, 2.0), 40_000_000, ""),
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let r = build_report(&raw, 100.0);
+        assert_eq!(r.tracing_line, None);
+        assert_eq!(r.tracing_cost, Value::Null);
+        assert_eq!(cells(row(&r.table, "S3 streams", "proxy CPU"))[4], "-");
+
+        // Missing and dropped trace records, a failed flush, a regression beyond the target
+        // and a slower first byte.
+        let raw = parse_raw(
+            &[
+                s3(1, "nginx", (0.4, 1.5), 20_000_000, ""),
+                s3(1, "edge-api", (0.5, 2.0), 40_000_000, ""),
+                s3(
+                    1,
+                    "edge-traced",
+                    (0.4, 2.0),
+                    60_000_000,
+                    r#","traces":990,"traces_dropped":10"#,
+                ),
+                s3(
+                    2,
+                    "edge-traced",
+                    (0.4, 2.0),
+                    60_000_000,
+                    r#","traces":1000,"traces_dropped":null"#,
+                ),
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let r = build_report(&raw, 100.0);
+        assert_eq!(
+            r.tracing_line.as_deref(),
+            Some(
+                "tracing on every call: S3 CPU/stream +50.0% (target <= 25%), TTFB p50 -0.100 ms, \
+                 p99 +0.000 ms"
+            )
+        );
+        assert_eq!(
+            r.tracing_cost["cpu_us_per_stream"]["within_target"],
+            json!(false)
+        );
+        assert_eq!(
+            r.notes,
+            [
+                "s3 round 1 edge-traced: 10 trace records dropped (the trace queue was full)",
+                "s3 round 1 edge-traced: 990 trace records for 1000 streams ended with [DONE] \
+                 (every call should have one)",
+                "s3 round 2 edge-traced: POST /admin/traces/flush failed (trace records not all \
+                 counted)",
+            ]
+        );
     }
 }
