@@ -1,11 +1,13 @@
 //! Criterion micro-benchmarks for the request hot path: path classification and slug decoding,
-//! top-level body edits (1 KiB / 100 KiB / 1 MiB), key selection.
+//! top-level body edits (1 KiB / 100 KiB / 1 MiB), key selection, the usage scan of responses,
+//! and the per-request header work (request id, forwarding headers, the upstream request head).
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llm_edge::config::schema::UpstreamKind;
 use llm_edge::config::UpstreamKey;
 use llm_edge::observe::sse::SseSplitter;
+use llm_edge::observe::usage::UsageScanner;
 use llm_edge::route::{api, slug};
 use llm_edge::shaping::body::{json_string, Edit, TopLevel};
 use llm_edge::trace::accumulate::{Accumulator, Flavor};
@@ -177,11 +179,124 @@ fn bench_sse_accumulation(c: &mut Criterion) {
     g.finish();
 }
 
+fn sse_stream(events: u64) -> Vec<u8> {
+    let mut stream = Vec::new();
+    for i in 0..events {
+        stream.extend_from_slice(
+            format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"q\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"finish_reason\":null}}]}}\n\n"
+            )
+            .as_bytes(),
+        );
+    }
+    stream.extend_from_slice(
+        b"data: {\"id\":\"chatcmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":1000,\"total_tokens\":1012}}\n\ndata: [DONE]\n\n",
+    );
+    stream
+}
+
+/// The always-on usage scan (every API call): SSE streams in network-sized chunks, and a JSON
+/// reply.
+fn bench_usage_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("usage_scan");
+    for events in [20u64, 1000] {
+        let stream = sse_stream(events);
+        let chunks: Vec<&[u8]> = stream.chunks(1024).collect();
+        g.throughput(Throughput::Bytes(stream.len() as u64));
+        g.bench_with_input(BenchmarkId::new("sse", events), &chunks, |b, chunks| {
+            b.iter(|| {
+                let mut sc = UsageScanner::new(true);
+                for ch in chunks {
+                    sc.feed(black_box(ch));
+                }
+                sc.finish().map(|t| t.completion)
+            })
+        });
+    }
+    let reply = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"q","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#;
+    g.throughput(Throughput::Bytes(reply.len() as u64));
+    g.bench_function("json_reply", |b| {
+        b.iter(|| {
+            let mut sc = UsageScanner::new(false);
+            sc.feed(black_box(reply));
+            sc.finish().map(|t| t.completion)
+        })
+    });
+    g.finish();
+}
+
+/// Header work every proxied request does.
+fn bench_request_headers(c: &mut Criterion) {
+    use llm_edge::proxy::headers;
+    use llm_edge::security::client_addr;
+    use pingora::http::RequestHeader;
+    let mut g = c.benchmark_group("request_headers");
+    g.bench_function("request_id", |b| b.iter(|| llm_edge::ids::new_id("req_")));
+    let peer: std::net::IpAddr = "192.0.2.17".parse().unwrap();
+    let none = http::HeaderMap::new();
+    g.bench_function("forwarding_values_v4", |b| {
+        b.iter(|| client_addr::upstream_headers(black_box(peer), peer, &none, &[], false))
+    });
+    let mut client = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+    for (k, v) in [
+        ("Host", "edge.example"),
+        ("Authorization", "Bearer sk-client"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "291"),
+        ("User-Agent", "openai-python/1.50.0"),
+        ("Accept", "application/json"),
+    ] {
+        client.append_header(k, v).unwrap();
+    }
+    let ep = llm_edge::config::parse_endpoint("http://10.0.0.1:8000").unwrap();
+    let ours: Vec<_> = client_addr::upstream_headers(peer, peer, &none, &[], false)
+        .into_iter()
+        .chain([(
+            http::HeaderName::from_static("x-request-id"),
+            http::HeaderValue::from_static("req_0123456789abcdef01234567"),
+        )])
+        .collect();
+    g.bench_function("api_h1_head", |b| {
+        let mut buf = bytes::BytesMut::with_capacity(1024);
+        b.iter(|| {
+            buf.clear();
+            headers::api_request_h1_head(
+                &mut buf,
+                black_box(&client),
+                "/v1/chat/completions",
+                &ep,
+                None,
+                291,
+                &ours,
+            )
+            .unwrap();
+            buf.len()
+        })
+    });
+    g.bench_function("passthrough_rewrite", |b| {
+        b.iter(|| {
+            let mut req = black_box(&client).clone();
+            headers::rewrite_passthrough_request(
+                &mut req,
+                "/v1/chat/completions",
+                &ep,
+                None,
+                &ours,
+            )
+            .unwrap();
+            req.headers.len()
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_paths,
     bench_body_edit,
     bench_key_selection,
-    bench_sse_accumulation
+    bench_sse_accumulation,
+    bench_usage_scan,
+    bench_request_headers
 );
 criterion_main!(benches);

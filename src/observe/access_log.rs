@@ -366,6 +366,8 @@ impl Writer {
                 }
             }
             self.write_out();
+            // Let lines gather rather than waking this thread for every request.
+            std::thread::sleep(super::WRITER_PAUSE);
         }
         // Every handle is gone: the queue is drained and written.
     }

@@ -6,6 +6,11 @@ pub mod metrics;
 pub mod sse;
 pub mod usage;
 
+/// How long a background writer (access log, traces) waits after a batch before taking the
+/// next: under load, records gather for one write instead of one wake-up per request; idle,
+/// the writer blocks on its queue as before. Bounds how late a line or record is written.
+pub const WRITER_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The `/metrics` body: state gauges refreshed from the current snapshot, then rendered.
 pub fn scrape(rt: &crate::runtime::Runtime) -> bytes::Bytes {
     use metrics::KeyStateLabel;

@@ -87,11 +87,10 @@ impl Accumulator {
 
     /// Feeds SSE bytes.
     pub fn feed_sse(&mut self, chunk: &[u8]) {
-        let mut events = Vec::new();
-        self.splitter.feed(chunk, |e| events.push(e));
-        for e in events {
-            self.on_event(&e);
-        }
+        // The splitter is moved out for the call so each event is handled as it completes.
+        let mut splitter = std::mem::take(&mut self.splitter);
+        splitter.feed(chunk, |e| self.on_event(&e));
+        self.splitter = splitter;
     }
 
     /// Feeds bytes of a non-stream (JSON) body.
@@ -121,6 +120,11 @@ impl Accumulator {
         if e.data == "[DONE]" || e.data.is_empty() {
             return;
         }
+        if matches!(self.flavor, Flavor::Chat | Flavor::Completions) && self.on_openai_fast(&e.data)
+        {
+            self.events += 1;
+            return;
+        }
         let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
             return;
         };
@@ -129,6 +133,73 @@ impl Accumulator {
             Flavor::Anthropic => self.on_anthropic_event(&v),
             _ => self.on_openai_chunk(&v),
         }
+    }
+
+    /// Hot path of traced streams: an OpenAI chunk read into borrowed typed views, so the
+    /// common fields (ids, text deltas, finish reasons) cost no `Value` tree; only the
+    /// structured parts that are present (tool calls, logprobs, ids, usage) are built as
+    /// values and go through the same code as [`Self::on_openai_chunk`]. Returns false,
+    /// having changed nothing, when the chunk does not fit the views (a field of another
+    /// type, a duplicate key): the caller then takes the general path.
+    fn on_openai_fast(&mut self, data: &str) -> bool {
+        let Ok(v) = serde_json::from_str::<fast::Chunk<'_>>(data) else {
+            return false;
+        };
+        if self.response_id.is_none() {
+            if let Some(id) = v.id {
+                self.response_id = Some(id.into_owned());
+            }
+        }
+        if self.response_model.is_none() {
+            if let Some(m) = v.model {
+                self.response_model = Some(m.into_owned());
+            }
+        }
+        if let Some(p) = fast::value(v.prompt_token_ids).as_ref().and_then(ids) {
+            self.prompt_token_ids.get_or_insert(p);
+        }
+        if let Some(u) = fast::value(v.usage).filter(Value::is_object) {
+            self.usage = Some(openai_usage(&u));
+        }
+        let completions = self.flavor == Flavor::Completions;
+        for c in v.choices.unwrap_or_default() {
+            let acc = self.choice(c.index.unwrap_or(0));
+            if let Some(d) = c.delta {
+                if let Some(r) = d.role {
+                    acc.role = Some(r.into_owned());
+                }
+                if let Some(t) = d.content {
+                    acc.content.push_str(&t);
+                    acc.has_content = true;
+                }
+                for t in [d.reasoning_content, d.reasoning].into_iter().flatten() {
+                    acc.reasoning.push_str(&t);
+                }
+                if let Some(Value::Array(tcs)) = fast::value(d.tool_calls) {
+                    acc.absorb_tool_calls(&tcs);
+                }
+                if let Some(t) = fast::value(d.token_ids).as_ref().and_then(ids) {
+                    acc.token_ids.extend(t);
+                }
+            }
+            if completions {
+                if let Some(t) = c.text {
+                    acc.content.push_str(&t);
+                    acc.has_content = true;
+                }
+                if let Some(p) = fast::value(c.prompt_token_ids).as_ref().and_then(ids) {
+                    acc.prompt_token_ids.get_or_insert(p);
+                }
+            }
+            if let Some(t) = fast::value(c.token_ids).as_ref().and_then(ids) {
+                acc.token_ids.extend(t);
+            }
+            collect_logprobs(fast::value(c.logprobs).as_ref(), &mut acc.logprobs);
+            if let Some(f) = c.finish_reason {
+                acc.finish_reason = Some(f.into_owned());
+            }
+        }
+        true
     }
 
     fn take_common(&mut self, v: &Value) {
@@ -349,11 +420,15 @@ impl ChoiceAcc {
             }
         }
         if let Some(tcs) = m.get("tool_calls").and_then(Value::as_array) {
-            let base = self.tool_calls.len() as u64;
-            for (i, tc) in tcs.iter().enumerate() {
-                let index = u64_at(tc, "index").unwrap_or(base + i as u64);
-                merge_tool_call(&mut self.tool_calls, index, tc);
-            }
+            self.absorb_tool_calls(tcs);
+        }
+    }
+
+    fn absorb_tool_calls(&mut self, tcs: &[Value]) {
+        let base = self.tool_calls.len() as u64;
+        for (i, tc) in tcs.iter().enumerate() {
+            let index = u64_at(tc, "index").unwrap_or(base + i as u64);
+            merge_tool_call(&mut self.tool_calls, index, tc);
         }
     }
 
@@ -491,10 +566,118 @@ fn anthropic_usage(u: &Value, prev: Option<Tokens>) -> Tokens {
     }
 }
 
+/// Borrowed views of an OpenAI stream chunk (unknown fields skipped, structured parts kept
+/// raw until needed).
+mod fast {
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+    use serde_json::Value;
+    use std::borrow::Cow;
+
+    #[derive(Deserialize)]
+    pub struct Chunk<'a> {
+        #[serde(borrow, default)]
+        pub id: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub model: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub choices: Option<Vec<Choice<'a>>>,
+        #[serde(borrow, default)]
+        pub usage: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        pub prompt_token_ids: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Choice<'a> {
+        #[serde(default)]
+        pub index: Option<u64>,
+        #[serde(borrow, default)]
+        pub delta: Option<Delta<'a>>,
+        #[serde(borrow, default)]
+        pub text: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub token_ids: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        pub prompt_token_ids: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        pub logprobs: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        pub finish_reason: Option<Cow<'a, str>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Delta<'a> {
+        #[serde(borrow, default)]
+        pub role: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub content: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub reasoning_content: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub reasoning: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub tool_calls: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        pub token_ids: Option<&'a RawValue>,
+    }
+
+    /// A raw part as a value; `null` and absent are both `None`.
+    pub fn value(raw: Option<&RawValue>) -> Option<Value> {
+        let raw = raw?;
+        if raw.get() == "null" {
+            return None;
+        }
+        serde_json::from_str(raw.get()).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The typed fast path must build exactly what the general path builds, chunk by chunk,
+    /// including chunks it declines (which then take the general path).
+    #[test]
+    fn fast_path_matches_the_general_path() {
+        let chunks = [
+            r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"id":"c2","model":"m2","choices":[{"index":0,"delta":{"content":"Hel\u00e9"},"token_ids":[1,2]}]}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"x","reasoning_content":"think","token_ids":[7]},"logprobs":{"content":[{"token":"x","logprob":-0.25}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t1","type":"function","function":{"name":"f","arguments":"{\"a\""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":null,"finish_reason":"stop"}],"prompt_token_ids":[5,6]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":5}}]}"#,
+            r#"{"choices":[{"index":-1,"delta":{"content":"neg"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}"#,
+            r#"{"choices":null,"usage":null,"id":null}"#,
+            r#"{"choices":[{"index":2,"text":"completion text","prompt_token_ids":[9],"finish_reason":"length"}]}"#,
+        ];
+        for flavor in [Flavor::Chat, Flavor::Completions] {
+            let mut fast = Accumulator::new(flavor);
+            let mut general = Accumulator::new(flavor);
+            for c in chunks {
+                fast.on_event(&SseEvent {
+                    event: None,
+                    data: c.to_string(),
+                });
+                let v: Value = serde_json::from_str(c).unwrap();
+                general.on_openai_chunk(&v);
+            }
+            assert_eq!(fast.choices(), general.choices(), "{flavor:?}");
+            assert_eq!(fast.usage(), general.usage());
+            assert_eq!(fast.prompt_token_ids(), general.prompt_token_ids());
+            assert_eq!(fast.response_id, general.response_id);
+            assert_eq!(fast.response_model, general.response_model);
+            assert_eq!(fast.events, chunks.len() as u64);
+        }
+        // The views accept the common chunk and decline a mistyped one.
+        let mut acc = Accumulator::new(Flavor::Chat);
+        assert!(acc.on_openai_fast(chunks[1]));
+        assert!(!acc.on_openai_fast(chunks[7]));
+    }
 
     fn sse(events: &[Value]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -146,6 +146,7 @@ impl Tracer {
                             next = rx.try_recv().ok();
                         }
                     }
+                    let full = batch.len() >= 256;
                     if !batch.is_empty() {
                         for s in sinks.iter_mut() {
                             if let Err(e) = s.write(&batch) {
@@ -161,6 +162,12 @@ impl Tracer {
                     }
                     for done in flushes.drain(..) {
                         let _ = done.send(());
+                    }
+                    if !full {
+                        // Let records gather: waking this thread for every call (a futex
+                        // wake-up and a context switch on the proxy's core) cost more than
+                        // writing the record (benches/e2e, tracing on every call).
+                        std::thread::sleep(crate::observe::WRITER_PAUSE);
                     }
                 }
             })
