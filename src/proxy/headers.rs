@@ -323,10 +323,17 @@ mod tests {
     use super::*;
     use crate::config::parse_endpoint;
 
+    fn client_request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut client = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (k, v) in headers {
+            client.append_header(k.to_string(), *v).unwrap();
+        }
+        client
+    }
+
     #[test]
     fn api_request_drops_client_credentials_and_hop_by_hop() {
-        let mut client = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
-        for (k, v) in [
+        let client = client_request(&[
             ("authorization", "Bearer client-secret"),
             ("x-api-key", "client-secret"),
             ("connection", "keep-alive, x-drop-me"),
@@ -335,9 +342,7 @@ mod tests {
             ("anthropic-version", "2023-06-01"),
             ("x-custom", "kept"),
             ("host", "proxy.local"),
-        ] {
-            client.append_header(k, v).unwrap();
-        }
+        ]);
         let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
         let req =
             upstream_api_request(&client, "/v1/chat/completions?x=1", &ep, None, 42, &[]).unwrap();
@@ -354,8 +359,7 @@ mod tests {
 
     #[test]
     fn h1_head_is_the_same_request_in_wire_form() {
-        let mut client = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
-        for (k, v) in [
+        let client = client_request(&[
             ("authorization", "Bearer client-secret"),
             ("x-request-id", "from-client"),
             ("x-custom", "kept"),
@@ -363,9 +367,7 @@ mod tests {
             ("host", "proxy.local"),
             ("connection", "keep-alive, x-drop-me"),
             ("x-drop-me", "1"),
-        ] {
-            client.append_header(k, v).unwrap();
-        }
+        ]);
         let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
         let ours = [
             (X_REQUEST_ID, http::HeaderValue::from_static("ours")),
