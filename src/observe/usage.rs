@@ -45,13 +45,18 @@ pub struct UsageScanner {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// End of the first complete SSE event and the separator's length (`\n\n`, `\r\n\r\n`).
 fn event_end(b: &[u8]) -> Option<(usize, usize)> {
+    // Hot path: jump between line ends (memchr) instead of testing every byte.
     let mut i = 0;
     while i + 1 < b.len() {
+        i += memchr::memchr2(b'\n', b'\r', &b[i..])?;
+        if i + 1 >= b.len() {
+            return None;
+        }
         if b[i] == b'\n' && b[i + 1] == b'\n' {
             return Some((i, 2));
         }
