@@ -166,6 +166,28 @@ fn bench_sse_accumulation(c: &mut Criterion) {
             acc.choices().len()
         })
     });
+    // The plain shape (text deltas only, no logprobs or token ids), as benches/e2e's mock
+    // and most chat servers send it when no logprobs are asked for.
+    let mut plain = Vec::new();
+    for i in 0..events {
+        plain.extend_from_slice(
+            format!(
+                "data: {{\"id\":\"chatcmpl-bench0123456789abcdefghijklmnop\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i:05}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+            )
+            .as_bytes(),
+        );
+    }
+    plain.extend_from_slice(b"data: [DONE]\n\n");
+    let plain_chunks: Vec<&[u8]> = plain.chunks(1024).collect();
+    g.bench_function("plain_chat_1000_events", |b| {
+        b.iter(|| {
+            let mut acc = Accumulator::new(Flavor::Chat);
+            for ch in &plain_chunks {
+                acc.feed_sse(black_box(ch));
+            }
+            acc.choices().len()
+        })
+    });
     g.bench_function("split_only_1000_events", |b| {
         b.iter(|| {
             let mut sp = SseSplitter::new();

@@ -24,10 +24,10 @@ PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 if [[ $QUICK == 1 ]]; then
   ROUNDS=${ROUNDS:-1}
-  WRK_SECS=3      # S1, S2 measured seconds
+  WRK_SECS=2      # S1, S2 measured seconds
   WARM_SECS=1     # S1, S2 warm-up seconds
   S3_STREAMS=1000
-  S4_SECS=3
+  S4_SECS=2
 else
   ROUNDS=${ROUNDS:-3}
   WRK_SECS=10

@@ -135,14 +135,15 @@ impl Accumulator {
         }
     }
 
-    /// Hot path of traced streams: an OpenAI chunk read into borrowed typed views, so the
-    /// common fields (ids, text deltas, finish reasons) cost no `Value` tree; only the
-    /// structured parts that are present (tool calls, logprobs, ids, usage) are built as
-    /// values and go through the same code as [`Self::on_openai_chunk`]. Returns false,
-    /// having changed nothing, when the chunk does not fit the views (a field of another
-    /// type, a duplicate key): the caller then takes the general path.
+    /// Hot path of traced streams: an OpenAI chunk read into borrowed views
+    /// ([`super::chunk::scan`]), so the common fields (ids, text deltas, finish reasons)
+    /// cost no `Value` tree; only the structured parts that are present (tool calls,
+    /// logprobs, ids, usage) are built as values and go through the same code as
+    /// [`Self::on_openai_chunk`]. Returns false, having changed nothing, when the chunk
+    /// does not fit the views (a field of another type, a duplicate key): the caller then
+    /// takes the general path.
     fn on_openai_fast(&mut self, data: &str) -> bool {
-        let Ok(v) = serde_json::from_str::<fast::Chunk<'_>>(data) else {
+        let Some(v) = super::chunk::scan(data) else {
             return false;
         };
         if self.response_id.is_none() {
@@ -155,10 +156,10 @@ impl Accumulator {
                 self.response_model = Some(m.into_owned());
             }
         }
-        if let Some(p) = fast::value(v.prompt_token_ids).as_ref().and_then(ids) {
+        if let Some(p) = raw_value(v.prompt_token_ids).as_ref().and_then(ids) {
             self.prompt_token_ids.get_or_insert(p);
         }
-        if let Some(u) = fast::value(v.usage).filter(Value::is_object) {
+        if let Some(u) = raw_value(v.usage).filter(Value::is_object) {
             self.usage = Some(openai_usage(&u));
         }
         let completions = self.flavor == Flavor::Completions;
@@ -175,10 +176,10 @@ impl Accumulator {
                 for t in [d.reasoning_content, d.reasoning].into_iter().flatten() {
                     acc.reasoning.push_str(&t);
                 }
-                if let Some(Value::Array(tcs)) = fast::value(d.tool_calls) {
+                if let Some(Value::Array(tcs)) = raw_value(d.tool_calls) {
                     acc.absorb_tool_calls(&tcs);
                 }
-                if let Some(t) = fast::value(d.token_ids).as_ref().and_then(ids) {
+                if let Some(t) = raw_value(d.token_ids).as_ref().and_then(ids) {
                     acc.token_ids.extend(t);
                 }
             }
@@ -187,14 +188,14 @@ impl Accumulator {
                     acc.content.push_str(&t);
                     acc.has_content = true;
                 }
-                if let Some(p) = fast::value(c.prompt_token_ids).as_ref().and_then(ids) {
+                if let Some(p) = raw_value(c.prompt_token_ids).as_ref().and_then(ids) {
                     acc.prompt_token_ids.get_or_insert(p);
                 }
             }
-            if let Some(t) = fast::value(c.token_ids).as_ref().and_then(ids) {
+            if let Some(t) = raw_value(c.token_ids).as_ref().and_then(ids) {
                 acc.token_ids.extend(t);
             }
-            collect_logprobs(fast::value(c.logprobs).as_ref(), &mut acc.logprobs);
+            collect_logprobs(raw_value(c.logprobs).as_ref(), &mut acc.logprobs);
             if let Some(f) = c.finish_reason {
                 acc.finish_reason = Some(f.into_owned());
             }
@@ -568,68 +569,9 @@ fn anthropic_usage(u: &Value, prev: Option<Tokens>) -> Tokens {
 
 /// Borrowed views of an OpenAI stream chunk (unknown fields skipped, structured parts kept
 /// raw until needed).
-mod fast {
-    use serde::Deserialize;
-    use serde_json::value::RawValue;
-    use serde_json::Value;
-    use std::borrow::Cow;
-
-    #[derive(Deserialize)]
-    pub struct Chunk<'a> {
-        #[serde(borrow, default)]
-        pub id: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub model: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub choices: Option<Vec<Choice<'a>>>,
-        #[serde(borrow, default)]
-        pub usage: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        pub prompt_token_ids: Option<&'a RawValue>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct Choice<'a> {
-        #[serde(default)]
-        pub index: Option<u64>,
-        #[serde(borrow, default)]
-        pub delta: Option<Delta<'a>>,
-        #[serde(borrow, default)]
-        pub text: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub token_ids: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        pub prompt_token_ids: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        pub logprobs: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        pub finish_reason: Option<Cow<'a, str>>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct Delta<'a> {
-        #[serde(borrow, default)]
-        pub role: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub content: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub reasoning_content: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub reasoning: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        pub tool_calls: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        pub token_ids: Option<&'a RawValue>,
-    }
-
-    /// A raw part as a value; `null` and absent are both `None`.
-    pub fn value(raw: Option<&RawValue>) -> Option<Value> {
-        let raw = raw?;
-        if raw.get() == "null" {
-            return None;
-        }
-        serde_json::from_str(raw.get()).ok()
-    }
+/// A raw part as a value; `null` and absent are both `None`.
+fn raw_value(raw: Option<&str>) -> Option<Value> {
+    serde_json::from_str(raw?).ok()
 }
 
 #[cfg(test)]
@@ -654,29 +596,95 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}"#,
             r#"{"choices":null,"usage":null,"id":null}"#,
             r#"{"choices":[{"index":2,"text":"completion text","prompt_token_ids":[9],"finish_reason":"length"}]}"#,
+            r#" { "id" : "c\u0033" , "object":"chat.completion.chunk","created":1.5e9, "choices" : [ { "index" : null , "delta" : { "content" : "tab\there \"q\" \ud83d\ude00" , "extra":{"a":[1,{"b":null}]} } , "logprobs" : null } ] } "#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":null},{"index":3,"delta":{"role":"assistant","reasoning":"r","tool_calls":null}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"id":"late-id","model":null}"#,
+            r#"{"choices":[1]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"bad \ud800"}}]}"#,
         ];
         for flavor in [Flavor::Chat, Flavor::Completions] {
             let mut fast = Accumulator::new(flavor);
             let mut general = Accumulator::new(flavor);
+            let mut valid = 0;
             for c in chunks {
                 fast.on_event(&SseEvent {
                     event: None,
                     data: c.to_string(),
                 });
-                let v: Value = serde_json::from_str(c).unwrap();
-                general.on_openai_chunk(&v);
+                // Invalid JSON (the lone surrogate) is dropped by both paths.
+                if let Ok(v) = serde_json::from_str::<Value>(c) {
+                    general.on_openai_chunk(&v);
+                    valid += 1;
+                }
             }
             assert_eq!(fast.choices(), general.choices(), "{flavor:?}");
             assert_eq!(fast.usage(), general.usage());
             assert_eq!(fast.prompt_token_ids(), general.prompt_token_ids());
             assert_eq!(fast.response_id, general.response_id);
             assert_eq!(fast.response_model, general.response_model);
-            assert_eq!(fast.events, chunks.len() as u64);
+            assert_eq!(fast.events, valid);
+            assert_eq!(valid, chunks.len() as u64 - 1);
         }
         // The views accept the common chunk and decline a mistyped one.
         let mut acc = Accumulator::new(Flavor::Chat);
         assert!(acc.on_openai_fast(chunks[1]));
         assert!(!acc.on_openai_fast(chunks[7]));
+        for accepted in [12, 13, 14] {
+            assert!(acc.on_openai_fast(chunks[accepted]), "{}", chunks[accepted]);
+        }
+
+        // Every one-byte edit of every chunk: the fast path either declines it or reads it
+        // exactly as the full parse does (it must never accept what serde_json rejects).
+        let edits = [
+            None,
+            Some(b' '),
+            Some(b'"'),
+            Some(b'\\'),
+            Some(b'{'),
+            Some(b'}'),
+            Some(b'['),
+            Some(b']'),
+            Some(b','),
+            Some(b':'),
+            Some(b'0'),
+            Some(b'-'),
+            Some(b'e'),
+            Some(b'n'),
+        ];
+        let mut accepted = 0;
+        for c in chunks {
+            for i in (0..c.len()).filter(|&i| c.is_char_boundary(i) && c.as_bytes()[i].is_ascii()) {
+                for edit in edits {
+                    let mut b = c.as_bytes().to_vec();
+                    match edit {
+                        None => drop(b.remove(i)),
+                        Some(x) => b[i] = x,
+                    }
+                    let Ok(text) = String::from_utf8(b) else {
+                        continue;
+                    };
+                    let mut fast = Accumulator::new(Flavor::Chat);
+                    if !fast.on_openai_fast(&text) {
+                        continue;
+                    }
+                    accepted += 1;
+                    let v: Value = serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("fast path accepted invalid JSON {text}: {e}"));
+                    let mut general = Accumulator::new(Flavor::Chat);
+                    general.on_openai_chunk(&v);
+                    assert_eq!(fast.choices(), general.choices(), "{text}");
+                    assert_eq!(fast.usage(), general.usage(), "{text}");
+                    assert_eq!(
+                        fast.prompt_token_ids(),
+                        general.prompt_token_ids(),
+                        "{text}"
+                    );
+                    assert_eq!(fast.response_id, general.response_id, "{text}");
+                    assert_eq!(fast.response_model, general.response_model, "{text}");
+                }
+            }
+        }
+        assert!(accepted > 1000, "only {accepted} edited chunks were read");
     }
 
     fn sse(events: &[Value]) -> Vec<u8> {

@@ -3,6 +3,7 @@
 
 pub mod accumulate;
 pub mod build;
+pub mod chunk;
 pub mod collector;
 pub mod record;
 pub mod sink;

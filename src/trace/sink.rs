@@ -21,6 +21,8 @@ pub struct JsonlSink {
     keep: usize,
     out: BufWriter<File>,
     size: u64,
+    /// One record's line, reused so a batch costs no allocation per record.
+    line: Vec<u8>,
 }
 
 impl JsonlSink {
@@ -41,6 +43,7 @@ impl JsonlSink {
             keep: keep.max(1),
             out: BufWriter::new(file),
             size,
+            line: Vec::new(),
         })
     }
 
@@ -67,13 +70,19 @@ impl JsonlSink {
 impl Sink for JsonlSink {
     fn write(&mut self, batch: &[TraceRecord]) -> Result<(), String> {
         for rec in batch {
-            let mut line = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
+            let mut line = std::mem::take(&mut self.line);
+            line.clear();
+            serde_json::to_writer(&mut line, rec).map_err(|e| e.to_string())?;
             line.push(b'\n');
             if self.size > 0 && self.size + line.len() as u64 > self.max_size {
                 self.rotate()?;
             }
             self.out.write_all(&line).map_err(|e| e.to_string())?;
             self.size += line.len() as u64;
+            // Keep the buffer unless one huge record grew it.
+            if line.capacity() <= 1 << 20 {
+                self.line = line;
+            }
         }
         self.out.flush().map_err(|e| e.to_string())
     }

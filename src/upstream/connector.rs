@@ -54,7 +54,12 @@ impl UpstreamConnector {
             HttpSession::H1(s) if h1_only(peer) => {
                 self.h1.release_http_session(s, peer, idle).await
             }
-            other => self.any.release_http_session(other, peer, idle).await,
+            // Boxed: the general connector's future is ~3 KB, and every future that awaits
+            // this one (up to the boxed request filter of each in-flight call) would carry
+            // that size for the whole call.
+            other => {
+                Box::pin(self.any.release_http_session(other, peer, idle)).await;
+            }
         }
     }
 }

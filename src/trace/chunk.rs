@@ -1,0 +1,456 @@
+//! Reads an OpenAI stream chunk (chat or completions) into borrowed views, without a JSON
+//! tree and without serde's visitor machinery: one pass over the bytes that keeps the fields a
+//! trace needs and skips the rest. Strings without escapes are borrowed; escaped ones are
+//! decoded by serde_json. Structured parts that a trace keeps as values (tool calls, token
+//! ids, logprobs, usage) come out as raw JSON text, parsed by the caller only when present.
+//!
+//! Anything it does not expect (a field of another type, a duplicate key, invalid JSON, deep
+//! nesting) makes it decline with `None`; the caller then parses the chunk in full, so a
+//! decline costs time, never correctness. Traced streams call this once per event, where a
+//! serde-derived parse cost about 5,000 instructions for a typical 230-byte chunk.
+
+use std::borrow::Cow;
+
+/// A chunk's fields, as far as a trace needs them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Chunk<'a> {
+    /// `id`.
+    pub id: Option<Cow<'a, str>>,
+    /// `model`.
+    pub model: Option<Cow<'a, str>>,
+    /// `choices` (absent and `null` are both `None`).
+    pub choices: Option<Vec<Choice<'a>>>,
+    /// `usage`, raw.
+    pub usage: Option<&'a str>,
+    /// `prompt_token_ids` (vLLM), raw.
+    pub prompt_token_ids: Option<&'a str>,
+}
+
+/// One element of `choices`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Choice<'a> {
+    /// `index`.
+    pub index: Option<u64>,
+    /// `delta` (chat).
+    pub delta: Option<Delta<'a>>,
+    /// `text` (completions).
+    pub text: Option<Cow<'a, str>>,
+    /// `token_ids` (vLLM), raw.
+    pub token_ids: Option<&'a str>,
+    /// `prompt_token_ids` (vLLM completions), raw.
+    pub prompt_token_ids: Option<&'a str>,
+    /// `logprobs`, raw.
+    pub logprobs: Option<&'a str>,
+    /// `finish_reason`.
+    pub finish_reason: Option<Cow<'a, str>>,
+}
+
+/// A chat choice's `delta`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta<'a> {
+    /// `role`.
+    pub role: Option<Cow<'a, str>>,
+    /// `content`.
+    pub content: Option<Cow<'a, str>>,
+    /// `reasoning_content` (vLLM, DeepSeek).
+    pub reasoning_content: Option<Cow<'a, str>>,
+    /// `reasoning` (newer vLLM).
+    pub reasoning: Option<Cow<'a, str>>,
+    /// `tool_calls`, raw.
+    pub tool_calls: Option<&'a str>,
+    /// `token_ids` (vLLM), raw.
+    pub token_ids: Option<&'a str>,
+}
+
+/// Reads `data` (one event's payload); `None` when it is not a chunk of the expected shape.
+pub fn scan(data: &str) -> Option<Chunk<'_>> {
+    let mut s = Scanner {
+        src: data,
+        b: data.as_bytes(),
+        i: 0,
+    };
+    let chunk = s.chunk()?;
+    s.ws();
+    (s.i == s.b.len()).then_some(chunk)
+}
+
+/// Bytes that end a run of plain string content: quote, backslash, control characters.
+static STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// Deepest nesting skipped; deeper input is declined rather than recursed into.
+const MAX_DEPTH: usize = 64;
+
+struct Scanner<'a> {
+    src: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+/// Sets a field once; a second occurrence of the key declines the chunk, as serde would.
+fn once<T>(slot: &mut Option<T>, seen: &mut bool, v: Option<T>) -> Option<()> {
+    if std::mem::replace(seen, true) {
+        return None;
+    }
+    *slot = v;
+    Some(())
+}
+
+impl<'a> Scanner<'a> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// Calls `field` for each key of an object, positioned at its value.
+    fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.key()?;
+            self.eat(b':')?;
+            field(self, key)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// A key; keys with escapes are declined (none of the keys we keep has one).
+    fn key(&mut self) -> Option<&'a str> {
+        match self.string()? {
+            Cow::Borrowed(k) => Some(k),
+            Cow::Owned(_) => None,
+        }
+    }
+
+    /// A string value: borrowed when it has no escapes, else decoded by serde_json.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            // A table lookup per byte: chunk strings are short (keys, ids, a few tokens of
+            // text), where memchr's setup costs more than it saves.
+            let run = self.b.get(self.i..)?;
+            self.i += run.iter().position(|&c| STOP[c as usize])?;
+            match self.b[self.i] {
+                b'"' => break,
+                b'\\' => {}
+                _ => return None, // a raw control character
+            }
+            escaped = true;
+            self.i += 1;
+            match *self.b.get(self.i)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                b'u' => {
+                    let hex = self.b.get(self.i + 1..self.i + 5)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return None;
+                    }
+                    self.i += 4;
+                }
+                _ => return None,
+            }
+            self.i += 1;
+        }
+        let end = self.i;
+        self.i += 1;
+        if escaped {
+            // Quotes included: serde_json decodes escapes and surrogate pairs, and rejects
+            // lone surrogates, exactly as the full parse would.
+            serde_json::from_str::<String>(self.src.get(start - 1..end + 1)?)
+                .ok()
+                .map(Cow::Owned)
+        } else {
+            self.src.get(start..end).map(Cow::Borrowed)
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.ws();
+        if self.b.get(self.i..self.i + word.len())? == word {
+            self.i += word.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// `null` (consumed) gives `Some(true)`; anything else is left in place.
+    fn null(&mut self) -> Option<bool> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    fn opt_string(&mut self) -> Option<Option<Cow<'a, str>>> {
+        if self.null()? {
+            return Some(None);
+        }
+        self.string().map(Some)
+    }
+
+    /// An unsigned integer that fits `u64` (`index`); `null` is `None`.
+    fn opt_u64(&mut self) -> Option<Option<u64>> {
+        if self.null()? {
+            return Some(None);
+        }
+        let start = self.i;
+        while self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+            self.i += 1;
+        }
+        let digits = self.src.get(start..self.i)?;
+        // A fraction or exponent makes it a float, which `index` is not.
+        if digits.is_empty()
+            || (digits.len() > 1 && digits.starts_with('0'))
+            || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E'))
+        {
+            return None;
+        }
+        digits.parse().ok().map(Some)
+    }
+
+    /// Skips any value and returns its text; `None` for `null`.
+    fn raw(&mut self) -> Option<Option<&'a str>> {
+        self.ws();
+        let start = self.i;
+        self.skip(0)?;
+        let text = self.src.get(start..self.i)?;
+        Some((text != "null").then_some(text))
+    }
+
+    fn skip(&mut self, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' => self.object(|s, _| s.skip(depth + 1)),
+            b'[' => {
+                self.i += 1;
+                if self.peek()? == b']' {
+                    self.i += 1;
+                    return Some(());
+                }
+                loop {
+                    self.skip(depth + 1)?;
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        b']' => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    /// A JSON number, checked against the grammar.
+    fn number(&mut self) -> Option<()> {
+        let digits = |s: &mut Self| {
+            let start = s.i;
+            while s.b.get(s.i).is_some_and(u8::is_ascii_digit) {
+                s.i += 1;
+            }
+            s.i - start
+        };
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        let lead = self.b.get(self.i).copied();
+        let n = digits(self);
+        if n == 0 || (n > 1 && lead == Some(b'0')) {
+            return None;
+        }
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            if digits(self) == 0 {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.b.get(self.i) {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.b.get(self.i) {
+                self.i += 1;
+            }
+            if digits(self) == 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    fn chunk(&mut self) -> Option<Chunk<'a>> {
+        let mut c = Chunk::default();
+        let mut seen = [false; 5];
+        self.object(|s, key| match key {
+            "id" => once(&mut c.id, &mut seen[0], s.opt_string()?),
+            "model" => once(&mut c.model, &mut seen[1], s.opt_string()?),
+            "choices" => once(&mut c.choices, &mut seen[2], s.choices()?),
+            "usage" => once(&mut c.usage, &mut seen[3], s.raw()?),
+            "prompt_token_ids" => once(&mut c.prompt_token_ids, &mut seen[4], s.raw()?),
+            _ => s.skip(1),
+        })?;
+        Some(c)
+    }
+
+    fn choices(&mut self) -> Option<Option<Vec<Choice<'a>>>> {
+        if self.null()? {
+            return Some(None);
+        }
+        self.eat(b'[')?;
+        let mut out = Vec::with_capacity(1);
+        if self.peek()? == b']' {
+            self.i += 1;
+            return Some(Some(out));
+        }
+        loop {
+            out.push(self.choice()?);
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    return Some(Some(out));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn choice(&mut self) -> Option<Choice<'a>> {
+        let mut c = Choice::default();
+        let mut seen = [false; 7];
+        self.object(|s, key| match key {
+            "index" => once(&mut c.index, &mut seen[0], s.opt_u64()?),
+            "delta" => {
+                let d = if s.null()? { None } else { Some(s.delta()?) };
+                once(&mut c.delta, &mut seen[1], d)
+            }
+            "text" => once(&mut c.text, &mut seen[2], s.opt_string()?),
+            "token_ids" => once(&mut c.token_ids, &mut seen[3], s.raw()?),
+            "prompt_token_ids" => once(&mut c.prompt_token_ids, &mut seen[4], s.raw()?),
+            "logprobs" => once(&mut c.logprobs, &mut seen[5], s.raw()?),
+            "finish_reason" => once(&mut c.finish_reason, &mut seen[6], s.opt_string()?),
+            _ => s.skip(2),
+        })?;
+        Some(c)
+    }
+
+    fn delta(&mut self) -> Option<Delta<'a>> {
+        let mut d = Delta::default();
+        let mut seen = [false; 6];
+        self.object(|s, key| match key {
+            "role" => once(&mut d.role, &mut seen[0], s.opt_string()?),
+            "content" => once(&mut d.content, &mut seen[1], s.opt_string()?),
+            "reasoning_content" => once(&mut d.reasoning_content, &mut seen[2], s.opt_string()?),
+            "reasoning" => once(&mut d.reasoning, &mut seen[3], s.opt_string()?),
+            "tool_calls" => once(&mut d.tool_calls, &mut seen[4], s.raw()?),
+            "token_ids" => once(&mut d.token_ids, &mut seen[5], s.raw()?),
+            _ => s.skip(3),
+        })?;
+        Some(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_plain_chunk_borrowing_its_strings() {
+        let c = scan(r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"m","choices":[{"index":0,"delta":{"content":" tok"},"logprobs":null,"finish_reason":null}]}"#).unwrap();
+        assert!(matches!(c.id, Some(Cow::Borrowed("chatcmpl-1"))));
+        assert_eq!(c.model.as_deref(), Some("m"));
+        let ch = c.choices.unwrap();
+        assert_eq!(ch.len(), 1);
+        assert_eq!(ch[0].index, Some(0));
+        assert!(matches!(
+            ch[0].delta.as_ref().unwrap().content,
+            Some(Cow::Borrowed(" tok"))
+        ));
+        assert_eq!(ch[0].logprobs, None);
+        assert_eq!(ch[0].finish_reason, None);
+    }
+
+    #[test]
+    fn keeps_raw_parts_and_decodes_escapes() {
+        let c = scan(
+            " {\"choices\" : [ {\"index\":1,\"delta\":{\"content\":\"a\\n\\\"b\\\" \\u00e9 \\ud83d\\ude00\",\"token_ids\":[1, 2]},\
+             \"logprobs\":{\"content\":[{\"logprob\":-1.5e-3}]}} ],\"usage\":{\"total_tokens\":3}} \n",
+        )
+        .unwrap();
+        let ch = &c.choices.as_ref().unwrap()[0];
+        let d = ch.delta.as_ref().unwrap();
+        assert_eq!(d.content.as_deref(), Some("a\n\"b\" é 😀"));
+        assert_eq!(d.token_ids, Some("[1, 2]"));
+        assert_eq!(ch.logprobs, Some(r#"{"content":[{"logprob":-1.5e-3}]}"#));
+        assert_eq!(c.usage, Some(r#"{"total_tokens":3}"#));
+    }
+
+    #[test]
+    fn declines_what_the_full_parse_would_reject_or_read_otherwise() {
+        for bad in [
+            "",
+            "[]",
+            r#"{"choices":[{"index":0,"delta":{"content":5}}]}"#,
+            r#"{"choices":[{"index":-1}]}"#,
+            r#"{"choices":[{"index":1.0}]}"#,
+            r#"{"choices":[{"index":01}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}"#,
+            r#"{"id":"a","id":"b"}"#,
+            r#"{"id":"a"} x"#,
+            r#"{"id":"a",}"#,
+            r#"{"id":"a\x"}"#,
+            r#"{"id":"\ud800"}"#,
+            "{\"id\":\"tab\there\"}",
+            r#"{"x":[1,2,]}"#,
+            r#"{"x":-}"#,
+            r#"{"x":1.}"#,
+            r#"{"x":tru}"#,
+            r#"{"choices":{}}"#,
+        ] {
+            assert_eq!(scan(bad), None, "{bad}");
+            // Where the full parse accepts the text, it is for a reason the views cannot hold.
+        }
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(scan(&deep), None);
+        assert!(scan(r#"{"x":[[{"a":[true,false,null,-0.5E+2,"s"]}]],"choices":null}"#).is_some());
+    }
+}
