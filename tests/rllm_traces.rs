@@ -1184,7 +1184,9 @@ async fn jsonl_rotates_at_max_size() {
         for l in lines {
             let rec: TraceRecord =
                 serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line in {name} ({e})"));
-            contents.push(rec.input.messages.unwrap()[0]["content"].clone());
+            let messages: serde_json::Value =
+                serde_json::from_str(rec.input.messages.unwrap().get()).unwrap();
+            contents.push(messages[0]["content"].clone());
         }
     }
     assert!(files >= 2, "{files} files");

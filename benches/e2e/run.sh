@@ -4,7 +4,7 @@
 # direct connection, all in front of the same mock upstream. See benches/README.md.
 #
 #   benches/e2e/run.sh            full run (3 rounds, ~13 min on 2 cores)
-#   QUICK=1 benches/e2e/run.sh    quick run (1 round, about three minutes once built)
+#   QUICK=1 benches/e2e/run.sh    quick run (1 round, about 1.5 minutes once built)
 #
 # Environment: QUICK=1, ROUNDS=N, PROXY_CPU (default 1), LOAD_CPU (mock + clients, default 0),
 # SKIP_BUILD=1 (use the binaries already built), KEEP_TMP=1 (keep the temp dir), ONLY="s1 s3".
@@ -26,7 +26,7 @@ if [[ $QUICK == 1 ]]; then
   ROUNDS=${ROUNDS:-1}
   WRK_SECS=2      # S1, S2 measured seconds
   WARM_SECS=1     # S1, S2 warm-up seconds
-  S3_STREAMS=1000
+  S3_STREAMS=2000 # as in full runs: fewer gave unstable CPU figures
   S4_SECS=2
 else
   ROUNDS=${ROUNDS:-3}

@@ -6,6 +6,7 @@ use crate::proxy::forward::Observer;
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::shaping::body::TopLevel;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The response flavour the accumulator should expect for an endpoint.
@@ -53,21 +54,33 @@ fn raw_to_value(top: &TopLevel<'_>, key: &str) -> Option<Value> {
         .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
 }
 
-/// Builds the record. Parses the request's `messages`/`prompt`/`input` (traced calls only).
+/// A request part as the client sent it. Records are written one per line, so text that
+/// spans lines (a pretty-printed request) is compacted.
+fn raw_part(top: &TopLevel<'_>, key: &str) -> Option<Box<RawValue>> {
+    let raw = top.get(key)?;
+    if memchr::memchr2(b'\n', b'\r', raw.get().as_bytes()).is_some() {
+        return serde_json::value::to_raw_value(&raw_to_value(top, key)?).ok();
+    }
+    Some(raw.to_owned())
+}
+
+/// Builds the record. Keeps the request's `messages`/`prompt`/`input` as raw JSON; only an
+/// Anthropic system prompt makes it parse the messages (to put the system message first).
 pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
     let mut input = TraceInput::default();
     let mut stream = false;
     if let Ok(top) = TopLevel::parse(f.body) {
         stream = top.get_bool("stream") == Some(true);
-        input.messages = raw_to_value(&top, "messages");
+        input.messages = raw_part(&top, "messages");
         // Anthropic keeps the system prompt beside the messages; put it first, as OpenAI does.
-        if let (Some(system), Some(Value::Array(msgs))) =
-            (raw_to_value(&top, "system"), input.messages.as_mut())
-        {
-            msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
+        if let Some(system) = raw_to_value(&top, "system") {
+            if let Some(Value::Array(mut msgs)) = raw_to_value(&top, "messages") {
+                msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
+                input.messages = serde_json::value::to_raw_value(&msgs).ok();
+            }
         }
-        input.prompt = raw_to_value(&top, "prompt");
-        input.input = raw_to_value(&top, "input");
+        input.prompt = raw_part(&top, "prompt");
+        input.input = raw_part(&top, "input");
     }
     let mut output = TraceOutput::default();
     let mut tokens = Default::default();
@@ -122,5 +135,54 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
         stream,
         status: f.status,
         error: f.error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_of(body: &str) -> TraceRecord {
+        let meta = PathMeta {
+            path: "/v1/chat/completions".into(),
+            metadata: None,
+            session_id: None,
+        };
+        build_record(CallFacts {
+            request_id: "req_1",
+            api: ApiEndpoint::ChatCompletions,
+            model: "m",
+            upstream_model: "m",
+            upstream: "u",
+            replica: None,
+            meta: &meta,
+            body: body.as_bytes(),
+            timestamp: 0.0,
+            latency_ms: 0.0,
+            status: 200,
+            error: None,
+            observer: None,
+        })
+    }
+
+    #[test]
+    fn request_parts_are_kept_as_sent_and_stay_on_one_line() {
+        let compact = r#"{"model":"m","messages":[{"role":"user","content":"a\u00e9 \"q\"","z":1.50}],"prompt":"p"}"#;
+        let rec = record_of(compact);
+        assert_eq!(
+            rec.input.messages.as_ref().unwrap().get(),
+            r#"[{"role":"user","content":"a\u00e9 \"q\"","z":1.50}]"#
+        );
+        assert_eq!(rec.input.prompt.as_ref().unwrap().get(), r#""p""#);
+        assert!(rec.input.input.is_none());
+
+        let pretty = "{\n  \"model\": \"m\",\n  \"messages\": [\n    {\"role\": \"user\",\r\n     \"content\": \"hi\"}\n  ]\n}";
+        let rec = record_of(pretty);
+        let line = serde_json::to_string(&rec).unwrap();
+        assert!(!line.contains('\n') && !line.contains('\r'), "{line}");
+        assert_eq!(
+            rec.input.messages.as_ref().unwrap().get(),
+            r#"[{"content":"hi","role":"user"}]"#
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! `output.rollout_logprobs`, `model`, `latency_ms`, `tokens`, `metadata`, `timestamp`).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// Token counts.
@@ -59,18 +60,20 @@ pub struct ChoiceOutput {
     pub rollout_logprobs: Option<Vec<f64>>,
 }
 
-/// `input` of a trace.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `input` of a trace. The request's parts are kept as the client's JSON text (compacted
+/// only when it spans lines), so a traced call does not parse and re-serialise a long
+/// conversation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TraceInput {
     /// Chat messages (or Anthropic messages).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub messages: Option<Value>,
+    pub messages: Option<Box<RawValue>>,
     /// Completions prompt.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub prompt: Option<Value>,
+    pub prompt: Option<Box<RawValue>>,
     /// Responses/embeddings input.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub input: Option<Value>,
+    pub input: Option<Box<RawValue>>,
     /// Prompt token ids (vLLM).
     pub prompt_token_ids: Vec<i64>,
 }
@@ -91,7 +94,7 @@ pub struct TraceOutput {
 }
 
 /// One call's trace.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TraceRecord {
     /// Upstream response id, else generated.
     pub trace_id: String,
