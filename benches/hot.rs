@@ -30,6 +30,24 @@ fn chat_body(target: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The end-to-end benchmark's S2 body: 200 turns of ~500 B of plain text (107 KB).
+fn long_turns_body() -> Vec<u8> {
+    let turn = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor \
+                incididunt ut labore et dolore magna aliqua. "
+        .repeat(4);
+    let mut body = String::from(
+        r#"{"model":"bench","messages":[{"role":"system","content":"You are a helpful assistant."}"#,
+    );
+    for i in 0..200 {
+        let role = if i % 2 == 1 { "assistant" } else { "user" };
+        body.push_str(&format!(
+            r#",{{"role":"{role}","content":"Turn {i}. {turn}"}}"#
+        ));
+    }
+    body.push_str(r#"],"temperature":0.7,"max_tokens":256,"user":"bench-user-0001"}"#);
+    body.into_bytes()
+}
+
 fn bench_paths(c: &mut Criterion) {
     let mut g = c.benchmark_group("path");
     g.bench_function("classify_plain", |b| {
@@ -87,6 +105,14 @@ fn bench_body_edit(c: &mut Criterion) {
                 })
             },
         );
+        // The floor for any strict parse built on serde_json: skip every value, keep nothing.
+        g.bench_with_input(
+            BenchmarkId::new("serde_skip_baseline", size),
+            &body,
+            |b, body| {
+                b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(body)).is_ok())
+            },
+        );
         // The alternative DESIGN rules out: a full serde_json round trip of the body.
         g.bench_with_input(
             BenchmarkId::new("full_reserialise_baseline", size),
@@ -100,6 +126,15 @@ fn bench_body_edit(c: &mut Criterion) {
             },
         );
     }
+    // Long plain-text turns (the S2 body): strings dominate, so the string scan shows.
+    let body = Bytes::from(long_turns_body());
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("parse_only/long_turns_107k", |b| {
+        b.iter(|| TopLevel::parse(black_box(&body)).unwrap().keys().count())
+    });
+    g.bench_function("serde_skip_baseline/long_turns_107k", |b| {
+        b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&body)).is_ok())
+    });
     g.finish();
 }
 
