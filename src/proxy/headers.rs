@@ -244,8 +244,12 @@ pub fn downstream_response(
     upstream: &ResponseHeader,
     ours: &[(&'static str, String)],
 ) -> pingora::Result<ResponseHeader> {
-    let mut resp =
-        ResponseHeader::build(upstream.status, Some(upstream.headers.len() + ours.len()))?;
+    // Built as `http` parts: one header map, where `ResponseHeader::append_header` keeps a
+    // second one for header-name case (about 170 instructions per header, callgrind S3).
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = upstream.status;
+    let h = &mut parts.headers;
+    h.reserve(upstream.headers.len() + ours.len() + 1);
     let nominated = connection_nominated(&upstream.headers);
     let chunked = upstream.headers.get(header::TRANSFER_ENCODING).is_some();
     for (name, value) in upstream.headers.iter() {
@@ -256,15 +260,18 @@ pub fn downstream_response(
         if chunked && name == header::CONTENT_LENGTH {
             continue;
         }
-        resp.append_header(name.clone(), value.clone())?;
+        h.append(name.clone(), value.clone());
     }
-    add_ours(&mut resp, ours)?;
+    add_ours_to(h, ours)?;
     // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
     // it by closing the connection, making a broken stream look complete).
-    if resp.headers.get(header::CONTENT_LENGTH).is_none() {
-        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    if !h.contains_key(header::CONTENT_LENGTH) {
+        h.insert(
+            header::TRANSFER_ENCODING,
+            http::HeaderValue::from_static("chunked"),
+        );
     }
-    Ok(resp)
+    Ok(ResponseHeader::from(parts))
 }
 
 /// Adds llm-edge's own response headers (request id, CORS, rate limits) to a response. The
