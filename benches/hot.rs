@@ -178,50 +178,22 @@ fn bench_key_selection(c: &mut Criterion) {
 
 fn bench_sse_accumulation(c: &mut Criterion) {
     let mut g = c.benchmark_group("sse_accumulate");
-    let mut stream = Vec::new();
     let events = 1000u64;
-    for i in 0..events {
-        stream.extend_from_slice(
-            format!(
-                "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"q\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"token_ids\":[{i}],\"logprobs\":{{\"content\":[{{\"token\":\" tok{i}\",\"logprob\":-0.{i},\"bytes\":[32]}}]}},\"finish_reason\":null}}]}}\n\n"
-            )
-            .as_bytes(),
-        );
-    }
-    stream.extend_from_slice(b"data: [DONE]\n\n");
-    // Feed in ~1 KiB network-sized chunks, as the forwarder does.
+    let stream = sse_events(events, |i| {
+        format!("{{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"q\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"token_ids\":[{i}],\"logprobs\":{{\"content\":[{{\"token\":\" tok{i}\",\"logprob\":-0.{i},\"bytes\":[32]}}]}},\"finish_reason\":null}}]}}")
+    });
+    // Fed in ~1 KiB network-sized chunks, as the forwarder does.
     let chunks: Vec<&[u8]> = stream.chunks(1024).collect();
     g.throughput(Throughput::Elements(events));
-    g.bench_function("chat_1000_events", |b| {
-        b.iter(|| {
-            let mut acc = Accumulator::new(Flavor::Chat);
-            for ch in &chunks {
-                acc.feed_sse(black_box(ch));
-            }
-            acc.choices().len()
-        })
-    });
+    g.bench_function("chat_1000_events", |b| b.iter(|| accumulate(&chunks)));
     // The plain shape (text deltas only, no logprobs or token ids), as benches/e2e's mock
     // and most chat servers send it when no logprobs are asked for.
-    let mut plain = Vec::new();
-    for i in 0..events {
-        plain.extend_from_slice(
-            format!(
-                "data: {{\"id\":\"chatcmpl-bench0123456789abcdefghijklmnop\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i:05}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
-            )
-            .as_bytes(),
-        );
-    }
-    plain.extend_from_slice(b"data: [DONE]\n\n");
+    let plain = sse_events(events, |i| {
+        format!("{{\"id\":\"chatcmpl-bench0123456789abcdefghijklmnop\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i:05}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}")
+    });
     let plain_chunks: Vec<&[u8]> = plain.chunks(1024).collect();
     g.bench_function("plain_chat_1000_events", |b| {
-        b.iter(|| {
-            let mut acc = Accumulator::new(Flavor::Chat);
-            for ch in &plain_chunks {
-                acc.feed_sse(black_box(ch));
-            }
-            acc.choices().len()
-        })
+        b.iter(|| accumulate(&plain_chunks))
     });
     g.bench_function("split_only_1000_events", |b| {
         b.iter(|| {
@@ -234,6 +206,25 @@ fn bench_sse_accumulation(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// `events` SSE data events made by `data`, then `[DONE]`.
+fn sse_events(events: u64, data: impl Fn(u64) -> String) -> Vec<u8> {
+    let mut stream = Vec::new();
+    for i in 0..events {
+        stream.extend_from_slice(format!("data: {}\n\n", data(i)).as_bytes());
+    }
+    stream.extend_from_slice(b"data: [DONE]\n\n");
+    stream
+}
+
+/// A traced chat stream's accumulation, fed chunk by chunk.
+fn accumulate(chunks: &[&[u8]]) -> usize {
+    let mut acc = Accumulator::new(Flavor::Chat);
+    for ch in chunks {
+        acc.feed_sse(black_box(ch));
+    }
+    acc.choices().len()
 }
 
 fn sse_stream(events: u64) -> Vec<u8> {
