@@ -303,7 +303,9 @@ fn events(chunks: &[&[u8]]) -> Vec<(Option<String>, String)> {
     let mut s = SseSplitter::new();
     let mut out = Vec::new();
     for c in chunks {
-        s.feed(c, |e| out.push((e.event, e.data)));
+        s.feed(c, |e| {
+            out.push((e.event.map(|n| n.into_owned()), e.data.into_owned()))
+        });
     }
     out
 }

@@ -2,19 +2,21 @@
 //! yields each event's joined `data:` payload. Only used on observed (traced) responses.
 
 use bytes::{Buf, BytesMut};
+use std::borrow::Cow;
 
-/// One parsed event.
+/// One parsed event, borrowing from the bytes fed where it can.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
+pub struct SseEvent<'a> {
     /// `event:` field, if any.
-    pub event: Option<String>,
+    pub event: Option<Cow<'a, str>>,
     /// `data:` lines joined with `\n`.
-    pub data: String,
+    pub data: Cow<'a, str>,
 }
 
 /// Splits SSE bytes into events. Feed chunks as they arrive; completed events come out.
 #[derive(Debug, Default)]
 pub struct SseSplitter {
+    /// An event begun in an earlier chunk.
     buf: BytesMut,
     /// Longest pending event kept before it is dropped (protects memory on a broken stream).
     max_event: usize,
@@ -32,8 +34,20 @@ impl SseSplitter {
         }
     }
 
-    /// Feeds a chunk, calling `on_event` for every event it completes.
-    pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent)) {
+    /// Feeds a chunk, calling `on_event` for every event it completes. Events that lie
+    /// whole in `chunk` are read in place; only an event cut by a chunk boundary is copied.
+    pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+        if self.buf.is_empty() {
+            let mut rest = chunk;
+            while let Some((end, sep)) = find_boundary(rest) {
+                if let Some(ev) = parse_event(&rest[..end]) {
+                    on_event(ev);
+                }
+                rest = &rest[end + sep..];
+            }
+            self.keep(rest);
+            return;
+        }
         self.buf.extend_from_slice(chunk);
         while let Some((end, sep)) = find_boundary(&self.buf) {
             let raw = self.buf.split_to(end);
@@ -44,6 +58,13 @@ impl SseSplitter {
         }
         if self.buf.len() > self.max_event {
             self.buf.clear();
+        }
+    }
+
+    /// Keeps the start of an event that the next chunk completes.
+    fn keep(&mut self, partial: &[u8]) {
+        if partial.len() <= self.max_event {
+            self.buf.extend_from_slice(partial);
         }
     }
 
@@ -77,14 +98,14 @@ fn find_boundary(b: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-fn parse_event(raw: &[u8]) -> Option<SseEvent> {
+fn parse_event(raw: &[u8]) -> Option<SseEvent<'_>> {
     // The usual event is one `data: ` line.
     if let Some(payload) = raw.strip_prefix(b"data: ") {
         if memchr::memchr2(b'\n', b'\r', payload).is_none() {
             if let Ok(data) = std::str::from_utf8(payload) {
                 return Some(SseEvent {
                     event: None,
-                    data: data.to_string(),
+                    data: Cow::Borrowed(data),
                 });
             }
         }
@@ -92,7 +113,7 @@ fn parse_event(raw: &[u8]) -> Option<SseEvent> {
     // The standard library's validator is much faster than the lossy decoder's; events are
     // almost always valid UTF-8.
     let text = match std::str::from_utf8(raw) {
-        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Ok(t) => Cow::Borrowed(t),
         Err(_) => String::from_utf8_lossy(raw),
     };
     let mut event = None;
@@ -116,22 +137,28 @@ fn parse_event(raw: &[u8]) -> Option<SseEvent> {
                 }
                 None => data = Some(value.to_string()),
             },
-            "event" => event = Some(value.to_string()),
+            "event" => event = Some(Cow::Owned(value.to_string())),
             _ => {}
         }
     }
-    data.map(|data| SseEvent { event, data })
+    data.map(|data| SseEvent {
+        event,
+        data: Cow::Owned(data),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+    /// Events as (event, data), owned.
+    fn all(chunks: &[&[u8]]) -> Vec<(Option<String>, String)> {
         let mut s = SseSplitter::new();
         let mut out = Vec::new();
         for c in chunks {
-            s.feed(c, |e| out.push(e));
+            s.feed(c, |e| {
+                out.push((e.event.map(Cow::into_owned), e.data.into_owned()))
+            });
         }
         out
     }
@@ -140,16 +167,16 @@ mod tests {
     fn events_split_across_chunks() {
         let evs = all(&[b"data: {\"a\"", b":1}\n", b"\ndata: [DONE]\n\n"]);
         assert_eq!(evs.len(), 2);
-        assert_eq!(evs[0].data, "{\"a\":1}");
-        assert_eq!(evs[1].data, "[DONE]");
+        assert_eq!(evs[0].1, "{\"a\":1}");
+        assert_eq!(evs[1].1, "[DONE]");
     }
 
     #[test]
     fn event_names_multiline_data_and_crlf() {
         let evs = all(&[b"event: message_start\r\ndata: x\r\ndata: y\r\n\r\n: comment\n\n"]);
         assert_eq!(evs.len(), 1);
-        assert_eq!(evs[0].event.as_deref(), Some("message_start"));
-        assert_eq!(evs[0].data, "x\ny");
+        assert_eq!(evs[0].0.as_deref(), Some("message_start"));
+        assert_eq!(evs[0].1, "x\ny");
     }
 
     #[test]
@@ -158,7 +185,7 @@ mod tests {
         let chunks: Vec<&[u8]> = src.chunks(1).collect();
         let evs = all(&chunks);
         assert_eq!(
-            evs.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            evs.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
             ["1", "2"]
         );
     }

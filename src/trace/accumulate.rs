@@ -46,6 +46,11 @@ pub struct Accumulator {
     prompt_token_ids: Option<Vec<i64>>,
     usage: Option<Tokens>,
     splitter: SseSplitter,
+    /// The head the stream's chunks repeat, read once ([`super::chunk::Head`]).
+    head: super::chunk::Head,
+    /// The stream's plain text chunk and the choice it feeds ([`super::chunk::Template`]).
+    template: super::chunk::Template,
+    template_choice: u64,
     /// Raw JSON body of a non-stream response (bounded).
     json: Vec<u8>,
     json_cap: usize,
@@ -78,6 +83,9 @@ impl Accumulator {
             prompt_token_ids: None,
             usage: None,
             splitter: SseSplitter::new(),
+            head: super::chunk::Head::default(),
+            template: super::chunk::Template::default(),
+            template_choice: 0,
             json: Vec::new(),
             json_cap: JSON_CAP,
             events: 0,
@@ -143,9 +151,19 @@ impl Accumulator {
     /// does not fit the views (a field of another type, a duplicate key): the caller then
     /// takes the general path.
     fn on_openai_fast(&mut self, data: &str) -> bool {
-        let Some(v) = super::chunk::scan(data) else {
+        if let Some(text) = self.template.fill(data) {
+            let acc = self.choice(self.template_choice);
+            acc.content.push_str(text);
+            acc.has_content = true;
+            return true;
+        }
+        let Some(v) = super::chunk::scan_after(data, &mut self.head) else {
             return false;
         };
+        if let Some((index, text)) = plain_text(&v, self.flavor) {
+            self.template.learn(data, text);
+            self.template_choice = index;
+        }
         if self.response_id.is_none() {
             if let Some(id) = v.id {
                 self.response_id = Some(id.into_owned());
@@ -570,6 +588,44 @@ fn anthropic_usage(u: &Value, prev: Option<Tokens>) -> Tokens {
 /// Borrowed views of an OpenAI stream chunk (unknown fields skipped, structured parts kept
 /// raw until needed).
 /// A raw part as a value; `null` and absent are both `None`.
+/// The choice and text of a chunk whose only effect, past the first chunk's `id` and
+/// `model`, is to add that text to that choice: one choice with a text delta (or, for
+/// completions, a `text`) borrowed from the chunk, and nothing else that
+/// [`Accumulator::on_openai_fast`] records. Such a chunk can serve as a
+/// [`super::chunk::Template`].
+fn plain_text<'a>(v: &super::chunk::Chunk<'a>, flavor: Flavor) -> Option<(u64, &'a str)> {
+    use std::borrow::Cow::Borrowed;
+    let [c] = v.choices.as_deref()? else {
+        return None;
+    };
+    if v.usage.is_some()
+        || v.prompt_token_ids.is_some()
+        || c.token_ids.is_some()
+        || c.prompt_token_ids.is_some()
+        || c.logprobs.is_some()
+        || c.finish_reason.is_some()
+    {
+        return None;
+    }
+    let text = match (&c.delta, &c.text, flavor) {
+        (Some(d), None, _)
+            if d.role.is_none()
+                && d.reasoning_content.is_none()
+                && d.reasoning.is_none()
+                && d.tool_calls.is_none()
+                && d.token_ids.is_none() =>
+        {
+            match d.content {
+                Some(Borrowed(t)) => t,
+                _ => return None,
+            }
+        }
+        (None, Some(Borrowed(t)), Flavor::Completions) => t,
+        _ => return None,
+    };
+    Some((c.index.unwrap_or(0), text))
+}
+
 fn raw_value(raw: Option<&str>) -> Option<Value> {
     serde_json::from_str(raw?).ok()
 }
@@ -609,7 +665,7 @@ mod tests {
             for c in chunks {
                 fast.on_event(&SseEvent {
                     event: None,
-                    data: c.to_string(),
+                    data: (*c).into(),
                 });
                 // Invalid JSON (the lone surrogate) is dropped by both paths.
                 if let Ok(v) = serde_json::from_str::<Value>(c) {
@@ -685,6 +741,169 @@ mod tests {
             }
         }
         assert!(accepted > 1000, "only {accepted} edited chunks were read");
+    }
+
+    /// Feeds `chunks` as events: through the views (with the stream's head remembered) and,
+    /// separately, through the full parse only.
+    fn both_paths(chunks: &[&str]) -> (Accumulator, Accumulator) {
+        let mut fast = Accumulator::new(Flavor::Chat);
+        let mut general = Accumulator::new(Flavor::Chat);
+        for c in chunks {
+            fast.on_event(&SseEvent {
+                event: None,
+                data: (*c).into(),
+            });
+            if let Ok(v) = serde_json::from_str::<Value>(c) {
+                general.on_openai_chunk(&v);
+                general.events += 1;
+            }
+        }
+        (fast, general)
+    }
+
+    fn assert_same(fast: &Accumulator, general: &Accumulator, what: &str) {
+        assert_eq!(fast.choices(), general.choices(), "{what}");
+        assert_eq!(fast.usage(), general.usage(), "{what}");
+        assert_eq!(
+            fast.prompt_token_ids(),
+            general.prompt_token_ids(),
+            "{what}"
+        );
+        assert_eq!(fast.response_id, general.response_id, "{what}");
+        assert_eq!(fast.response_model, general.response_model, "{what}");
+        assert_eq!(fast.events, general.events, "{what}");
+    }
+
+    #[test]
+    fn a_repeated_head_is_read_once_and_changes_nothing() {
+        let head =
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":"#;
+        let chunks = [
+            format!(r#"{head}[{{"index":0,"delta":{{"role":"assistant","content":""}}}}]}}"#),
+            format!(r#"{head}[{{"index":0,"delta":{{"content":"a"}},"finish_reason":null}}]}}"#),
+            format!(r#"{head} [ {{"index":1,"delta":{{"content":"b"}}}} ] , "x" : [1] }}"#),
+            // Keys after `choices` that the head holds: declined, then read in full.
+            format!(r#"{head}[{{"index":0,"delta":{{"content":"c"}}}}],"id":"c2"}}"#),
+            format!(
+                r#"{head}[],"model":"m2","usage":{{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}}}"#
+            ),
+            format!(r#"{head}null,"prompt_token_ids":[4]}}"#),
+            format!(r#"{head}[{{"index":0,"delta":{{"content":"d"}}}}],"choices":[]}}"#),
+            format!(r#"{head}[{{"index":0,"delta":{{"content":"e"}}}}]"#),
+            // Another head: remembered in its turn.
+            r#"{"id":"c3","usage":null,"choices":[{"index":0,"delta":{"content":"f"}}]}"#.into(),
+            r#"{"id":"c3","usage":null,"choices":[{"index":0,"delta":{"content":"g"}}]}"#.into(),
+            r#"{"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11},"choices":[]}"#
+                .into(),
+            r#"{"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11},"choices":[]}"#
+                .into(),
+            format!(r#"{head}[{{"index":0,"delta":{{"content":"h"}},"finish_reason":"stop"}}]}}"#),
+        ];
+        let all: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (fast, general) = both_paths(&all);
+        assert_same(&fast, &general, "stream");
+        assert_eq!(fast.choices()[0].message["content"], "acfgh");
+
+        // The head is read once: a chunk that repeats it reports only what follows it.
+        let mut h = super::super::chunk::Head::default();
+        let first = super::super::chunk::scan_after(&chunks[1], &mut h).unwrap();
+        assert_eq!(first.id.as_deref(), Some("c1"));
+        let again = super::super::chunk::scan_after(&chunks[1], &mut h).unwrap();
+        assert_eq!((again.id, again.model), (None, None));
+        assert_eq!(again.choices, first.choices);
+        // A head holding `usage` is never remembered (the last usage must win).
+        let mut h = super::super::chunk::Head::default();
+        let u = r#"{"usage":{"total_tokens":1},"choices":[]}"#;
+        super::super::chunk::scan_after(u, &mut h).unwrap();
+        assert_eq!(
+            super::super::chunk::scan_after(u, &mut h).unwrap().usage,
+            Some(r#"{"total_tokens":1}"#)
+        );
+
+        // Every one-byte edit of a chunk that follows the head's chunk: read exactly as the
+        // full parse reads it, whether the head still matches or not.
+        // The same after a plain text chunk, whose template (the text around its content)
+        // the edited chunk may or may not fit.
+        let edits = [
+            None,
+            Some(b' '),
+            Some(b'"'),
+            Some(b'\\'),
+            Some(b'\n'),
+            Some(b'}'),
+            Some(b']'),
+            Some(b','),
+            Some(b'0'),
+        ];
+        let next = &chunks[1];
+        for i in 0..next.len() {
+            for edit in edits {
+                let mut b = next.as_bytes().to_vec();
+                match edit {
+                    None => drop(b.remove(i)),
+                    Some(x) => b[i] = x,
+                }
+                let text = String::from_utf8(b).unwrap();
+                let (fast, general) = both_paths(&[&chunks[0], &text]);
+                assert_same(&fast, &general, &text);
+                let (fast, general) = both_paths(&[&chunks[0], &chunks[1], &text]);
+                assert_same(&fast, &general, &text);
+            }
+        }
+    }
+
+    #[test]
+    fn plain_text_chunks_fill_the_template_and_read_as_the_full_parse_does() {
+        let chat = |index: u32, text: &str| {
+            format!(
+                r#"{{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":{index},"delta":{{"content":"{text}"}},"logprobs":null,"finish_reason":null}}],"usage":null}}"#
+            )
+        };
+        let chunks = [
+            chat(0, "Hello"),
+            chat(0, ","),
+            chat(0, ""),
+            chat(0, r#" w\u00f6rld\n"#),
+            chat(0, r#" \"q\""#),
+            chat(0, " é😀"),
+            chat(0, r#"a","x":"b"#),
+            chat(1, "other choice"),
+            chat(1, "!"),
+            chat(0, "back"),
+            chat(0, "a\tb"),
+            chat(0, "ctl\u{1}"),
+            r#"{"choices":[{"index":0,"delta":{"content":"x","role":"assistant"}}]}"#.into(),
+            r#"{"choices":[{"index":0,"delta":{"content":"y","role":"assistant"}}]}"#.into(),
+            chat(0, "end").replace(r#""finish_reason":null"#, r#""finish_reason":"stop""#),
+            chat(0, "tail"),
+        ];
+        let all: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (fast, general) = both_paths(&all);
+        assert_same(&fast, &general, "chat stream");
+        // Raw tabs and control characters are invalid JSON: those chunks are dropped.
+        // `a","x":"b` is the content `a` and a key `x`.
+        assert_eq!(
+            fast.choices()[0].message["content"],
+            "Hello, wörld\n \"q\" é😀abackxyendtail"
+        );
+        assert_eq!(fast.choices()[1].message["content"], "other choice!");
+
+        // Completions: the varying string is `text`; a chat stream never reads `text`.
+        let completion = |text: &str| {
+            format!(
+                r#"{{"id":"c","object":"text_completion","choices":[{{"index":0,"text":"{text}","logprobs":null,"finish_reason":null}}]}}"#
+            )
+        };
+        let chunks = [completion("one"), completion(" two"), completion(" three")];
+        for flavor in [Flavor::Completions, Flavor::Chat] {
+            let mut fast = Accumulator::new(flavor);
+            let mut general = Accumulator::new(flavor);
+            for c in &chunks {
+                assert!(fast.on_openai_fast(c));
+                general.on_openai_chunk(&serde_json::from_str(c).unwrap());
+            }
+            assert_eq!(fast.choices(), general.choices(), "{flavor:?}");
+        }
     }
 
     fn sse(events: &[Value]) -> Vec<u8> {

@@ -64,14 +64,104 @@ pub struct Delta<'a> {
 
 /// Reads `data` (one event's payload); `None` when it is not a chunk of the expected shape.
 pub fn scan(data: &str) -> Option<Chunk<'_>> {
+    scan_after(data, &mut Head::default())
+}
+
+/// The text of a stream's chunks before their `choices` value
+/// (`{"id":…,"object":…,"created":…,"model":…,"choices":`), which every chunk of a stream
+/// repeats byte for byte. A chunk that starts with the remembered head is read from its
+/// `choices` on, as if the head's keys had just been read: about half the scanning of a
+/// plain text chunk. The head's fields are not reported again; callers keep the first `id`
+/// and `model`, which the chunk that set the head already gave them.
+#[derive(Debug, Default)]
+pub struct Head {
+    text: Vec<u8>,
+    /// Top-level keys the head holds, as [`Scanner::chunk`] counts them.
+    seen: [bool; TOP_KEYS],
+}
+
+/// Longest head remembered; longer ones are read in full each time.
+const MAX_HEAD: usize = 512;
+
+/// Top-level keys a chunk keeps: id, model, choices, usage, prompt_token_ids.
+const TOP_KEYS: usize = 5;
+
+/// As [`scan`], reading from the `choices` of a chunk that starts with `head`, and
+/// remembering the head of a chunk read in full. A head is only remembered when repeating
+/// it changes nothing for the caller: it may hold `id` and `model` (the first ones are
+/// kept) and keys that are skipped, never `usage` or `prompt_token_ids`.
+pub fn scan_after<'a>(data: &'a str, head: &mut Head) -> Option<Chunk<'a>> {
     let mut s = Scanner {
         src: data,
         b: data.as_bytes(),
         i: 0,
     };
-    let chunk = s.chunk()?;
+    let resume = (!head.text.is_empty() && s.b.starts_with(&head.text)).then_some(&*head);
+    let (chunk, new_head) = s.chunk(resume)?;
     s.ws();
-    (s.i == s.b.len()).then_some(chunk)
+    if s.i != s.b.len() {
+        return None;
+    }
+    if let Some((len, seen)) = new_head {
+        head.text.clear();
+        head.text.extend_from_slice(s.b.get(..len)?);
+        head.seen = seen;
+    }
+    Some(chunk)
+}
+
+/// A stream's plain text chunk as a template: its text before and after the one string
+/// that changes from chunk to chunk (a token of text). A chunk made of the same two parts
+/// around a run of plain characters (no quote, backslash or control character) reads
+/// exactly as the template's chunk with another string in that place, so it needs no scan:
+/// two comparisons and a search for stop bytes.
+#[derive(Debug, Default)]
+pub struct Template {
+    before: Vec<u8>,
+    after: Vec<u8>,
+}
+
+/// Longest template kept (both parts).
+const MAX_TEMPLATE: usize = 1024;
+
+impl Template {
+    /// Makes `data` the template, around `value` (a string of `data`, borrowed by
+    /// [`scan`]). Leaves the template as it was when `value` does not lie in `data`.
+    pub fn learn(&mut self, data: &str, value: &str) {
+        // The string's place, from its address: a borrowed value points into `data`.
+        let Some(start) = (value.as_ptr() as usize).checked_sub(data.as_ptr() as usize) else {
+            return;
+        };
+        let end = start + value.len();
+        if end > data.len() || data.len() - value.len() > MAX_TEMPLATE {
+            return;
+        }
+        let (Some(before), Some(after)) = (data.get(..start), data.get(end..)) else {
+            return;
+        };
+        // The string must sit between its quotes (an escaped value is never borrowed).
+        if !before.ends_with('"') || !after.starts_with('"') {
+            return;
+        }
+        self.before.clear();
+        self.before.extend_from_slice(before.as_bytes());
+        self.after.clear();
+        self.after.extend_from_slice(after.as_bytes());
+    }
+
+    /// The string in the template's place, when `data` fits the template.
+    pub fn fill<'a>(&self, data: &'a str) -> Option<&'a str> {
+        let b = data.as_bytes();
+        if self.before.is_empty()
+            || b.len() < self.before.len() + self.after.len()
+            || !b.starts_with(&self.before)
+            || !b.ends_with(&self.after)
+        {
+            return None;
+        }
+        let value = data.get(self.before.len()..b.len() - self.after.len())?;
+        find_stop(value.as_bytes()).is_none().then_some(value)
+    }
 }
 
 /// Bytes that end a run of plain string content: quote, backslash, control characters.
@@ -342,18 +432,57 @@ impl<'a> Scanner<'a> {
         Some(())
     }
 
-    fn chunk(&mut self) -> Option<Chunk<'a>> {
+    /// The top-level object, from its start or, with `resume`, from the `choices` value
+    /// after the head. Also returns the head of a chunk read from its start that may be
+    /// remembered (its length and the keys it holds).
+    #[allow(clippy::type_complexity)]
+    fn chunk(
+        &mut self,
+        resume: Option<&Head>,
+    ) -> Option<(Chunk<'a>, Option<(usize, [bool; TOP_KEYS])>)> {
         let mut c = Chunk::default();
-        let mut seen = [false; 5];
-        self.object(|s, key| match key {
-            "id" => once(&mut c.id, &mut seen[0], s.opt_string()?),
-            "model" => once(&mut c.model, &mut seen[1], s.opt_string()?),
-            "choices" => once(&mut c.choices, &mut seen[2], s.choices()?),
-            "usage" => once(&mut c.usage, &mut seen[3], s.raw()?),
-            "prompt_token_ids" => once(&mut c.prompt_token_ids, &mut seen[4], s.raw()?),
-            _ => s.skip(1),
-        })?;
-        Some(c)
+        let mut seen = [false; TOP_KEYS];
+        let mut head = None;
+        let mut key = match resume {
+            Some(h) => {
+                self.i = h.text.len();
+                seen = h.seen;
+                "choices"
+            }
+            None => {
+                self.eat(b'{')?;
+                if self.peek()? == b'}' {
+                    self.i += 1;
+                    return Some((c, None));
+                }
+                let k = self.key()?;
+                self.eat(b':')?;
+                k
+            }
+        };
+        loop {
+            if key == "choices" && resume.is_none() && !seen[2] && !seen[3] && !seen[4] {
+                head = (self.i <= MAX_HEAD).then_some((self.i, seen));
+            }
+            match key {
+                "id" => once(&mut c.id, &mut seen[0], self.opt_string()?),
+                "model" => once(&mut c.model, &mut seen[1], self.opt_string()?),
+                "choices" => once(&mut c.choices, &mut seen[2], self.choices()?),
+                "usage" => once(&mut c.usage, &mut seen[3], self.raw()?),
+                "prompt_token_ids" => once(&mut c.prompt_token_ids, &mut seen[4], self.raw()?),
+                _ => self.skip(1),
+            }?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some((c, head));
+                }
+                _ => return None,
+            }
+            key = self.key()?;
+            self.eat(b':')?;
+        }
     }
 
     fn choices(&mut self) -> Option<Option<Vec<Choice<'a>>>> {
@@ -439,6 +568,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_template_is_filled_only_by_a_run_of_plain_characters() {
+        let first = r#"{"choices":[{"delta":{"content":"abc"}}],"id":"x"}"#;
+        let c = scan(first).unwrap();
+        let delta = c.choices.as_ref().unwrap()[0].delta.as_ref().unwrap();
+        let Some(Cow::Borrowed(text)) = delta.content else {
+            panic!("not borrowed");
+        };
+        let mut t = Template::default();
+        assert_eq!(t.fill(first), None, "an empty template fits nothing");
+        t.learn(first, text);
+        assert_eq!(t.fill(first), Some("abc"));
+        let chunk =
+            |s: &str| format!(r#"{{"choices":[{{"delta":{{"content":"{s}"}}}}],"id":"x"}}"#);
+        assert_eq!(t.fill(&chunk("")), Some(""));
+        let fitted = chunk(" tok 😀 é");
+        assert_eq!(t.fill(&fitted), Some(" tok 😀 é"));
+        for stop in [r#"a\"b"#, r#"a\nb"#, "a\tb", "a\u{1}b", r#"","x":""#] {
+            assert_eq!(t.fill(&chunk(stop)), None, "{stop:?}");
+        }
+        assert_eq!(
+            t.fill(r#"{"choices":[{"delta":{"content":"abc"}}],"id":"y"}"#),
+            None
+        );
+        assert_eq!(t.fill(r#"{"choices":[{"delta":{"content":""#), None);
+        // A string that is not part of the chunk, or not between quotes, is not learned.
+        let mut t = Template::default();
+        t.learn(first, "abc");
+        assert_eq!(t.fill(first), None);
+        t.learn(first, &first[3..9]);
+        assert_eq!(t.fill(first), None);
     }
 
     #[test]
