@@ -304,7 +304,10 @@ fn events(chunks: &[&[u8]]) -> Vec<(Option<String>, String)> {
     let mut out = Vec::new();
     for c in chunks {
         s.feed(c, |e| {
-            out.push((e.event.map(|n| n.into_owned()), e.data.into_owned()))
+            out.push((
+                e.event.as_deref().map(str::to_string),
+                e.text().into_owned(),
+            ))
         });
     }
     out

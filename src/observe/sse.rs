@@ -9,8 +9,17 @@ use std::borrow::Cow;
 pub struct SseEvent<'a> {
     /// `event:` field, if any.
     pub event: Option<Cow<'a, str>>,
-    /// `data:` lines joined with `\n`.
-    pub data: Cow<'a, str>,
+    /// `data:` lines joined with `\n`. The usual one-line event is its bytes as they came,
+    /// not yet checked as UTF-8 (a reader that recognises its shape checks only what it
+    /// takes); others are text already.
+    pub data: Cow<'a, [u8]>,
+}
+
+impl SseEvent<'_> {
+    /// The data as text (invalid UTF-8 replaced, as a lossy decoder does).
+    pub fn text(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.data)
+    }
 }
 
 /// Splits SSE bytes into events. Feed chunks as they arrive; completed events come out.
@@ -102,12 +111,10 @@ fn parse_event(raw: &[u8]) -> Option<SseEvent<'_>> {
     // The usual event is one `data: ` line.
     if let Some(payload) = raw.strip_prefix(b"data: ") {
         if memchr::memchr2(b'\n', b'\r', payload).is_none() {
-            if let Ok(data) = std::str::from_utf8(payload) {
-                return Some(SseEvent {
-                    event: None,
-                    data: Cow::Borrowed(data),
-                });
-            }
+            return Some(SseEvent {
+                event: None,
+                data: Cow::Borrowed(payload),
+            });
         }
     }
     // The standard library's validator is much faster than the lossy decoder's; events are
@@ -143,7 +150,7 @@ fn parse_event(raw: &[u8]) -> Option<SseEvent<'_>> {
     }
     data.map(|data| SseEvent {
         event,
-        data: Cow::Owned(data),
+        data: Cow::Owned(data.into_bytes()),
     })
 }
 
@@ -157,7 +164,10 @@ mod tests {
         let mut out = Vec::new();
         for c in chunks {
             s.feed(c, |e| {
-                out.push((e.event.map(Cow::into_owned), e.data.into_owned()))
+                out.push((
+                    e.event.as_deref().map(str::to_string),
+                    e.text().into_owned(),
+                ))
             });
         }
         out

@@ -215,6 +215,7 @@ pub async fn handle(
             Err(_) if ctx.responded => ctx.status,
             Err(e) => e.status(),
         };
+        let request = obs.request.take();
         let rec = build_record(CallFacts {
             request_id: &ctx.request_id,
             api,
@@ -229,6 +230,7 @@ pub async fn handle(
             status,
             error: result.as_ref().err().map(|e| e.to_string()),
             observer: Some(&obs),
+            request,
         });
         tracer.submit(rec);
     }
@@ -283,6 +285,13 @@ async fn route_and_forward(
     let top = TopLevel::parse(body)?;
     let model = model_of(&top)?;
     ctx.stream = top.get_bool("stream") == Some(true);
+    let mut obs = obs;
+    if let Some(o) = obs.as_deref_mut().filter(|o| o.acc.is_some()) {
+        o.request = Some(crate::proxy::forward::ObservedRequest {
+            input: crate::trace::build::request_input(&top),
+            stream: ctx.stream,
+        });
+    }
     if ctx.stream {
         ctx.gauges.1 = Some(metrics.stream_guard());
     }

@@ -890,6 +890,14 @@ async fn end_broken_stream(session: &mut Session, is_sse: bool, tail: [u8; 2], e
         .await;
 }
 
+/// The request's side of a traced call, kept from the parse the call is routed by.
+pub struct ObservedRequest {
+    /// `messages`/`prompt`/`input`, raw.
+    pub input: crate::trace::record::TraceInput,
+    /// The body asked for a stream.
+    pub stream: bool,
+}
+
 /// Watches a traced response beside the forwarding path: time to first byte, and the
 /// accumulated output. Parsing happens after the chunk was written downstream.
 pub struct Observer {
@@ -899,6 +907,8 @@ pub struct Observer {
     pub ttft: Option<std::time::Duration>,
     /// The output so far (traced calls).
     pub acc: Option<Accumulator>,
+    /// The request's side of the trace, read from the body's parse (traced calls).
+    pub request: Option<ObservedRequest>,
     /// Usage byte scanner (untraced calls counted in the ledger).
     scanner: Option<UsageScanner>,
     want_usage: bool,
@@ -913,6 +923,7 @@ impl Observer {
             started,
             ttft: None,
             acc: trace.then(|| Accumulator::new(flavor)),
+            request: None,
             scanner: None,
             want_usage: usage && !trace,
             is_sse: false,

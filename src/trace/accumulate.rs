@@ -125,15 +125,21 @@ impl Accumulator {
     }
 
     fn on_event(&mut self, e: &SseEvent) {
-        if e.data == "[DONE]" || e.data.is_empty() {
+        if *e.data == *b"[DONE]" || e.data.is_empty() {
             return;
         }
-        if matches!(self.flavor, Flavor::Chat | Flavor::Completions) && self.on_openai_fast(&e.data)
-        {
+        let openai = matches!(self.flavor, Flavor::Chat | Flavor::Completions);
+        // Before the whole event is checked as UTF-8: a template fill checks only its text.
+        if openai && self.fill_template(&e.data) {
             self.events += 1;
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+        let data = e.text();
+        if openai && self.on_openai_fast(&data) {
+            self.events += 1;
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&data) else {
             return;
         };
         self.events += 1;
@@ -150,11 +156,19 @@ impl Accumulator {
     /// [`Self::on_openai_chunk`]. Returns false, having changed nothing, when the chunk
     /// does not fit the views (a field of another type, a duplicate key): the caller then
     /// takes the general path.
+    /// A chunk that fits the stream's template adds its text to the template's choice.
+    fn fill_template(&mut self, data: &[u8]) -> bool {
+        let Some(text) = self.template.fill(data) else {
+            return false;
+        };
+        let acc = self.choice(self.template_choice);
+        acc.content.push_str(text);
+        acc.has_content = true;
+        true
+    }
+
     fn on_openai_fast(&mut self, data: &str) -> bool {
-        if let Some(text) = self.template.fill(data) {
-            let acc = self.choice(self.template_choice);
-            acc.content.push_str(text);
-            acc.has_content = true;
+        if self.fill_template(data.as_bytes()) {
             return true;
         }
         let Some(v) = super::chunk::scan_after(data, &mut self.head) else {
@@ -665,7 +679,7 @@ mod tests {
             for c in chunks {
                 fast.on_event(&SseEvent {
                     event: None,
-                    data: (*c).into(),
+                    data: c.as_bytes().into(),
                 });
                 // Invalid JSON (the lone surrogate) is dropped by both paths.
                 if let Ok(v) = serde_json::from_str::<Value>(c) {
@@ -751,7 +765,7 @@ mod tests {
         for c in chunks {
             fast.on_event(&SseEvent {
                 event: None,
-                data: (*c).into(),
+                data: c.as_bytes().into(),
             });
             if let Ok(v) = serde_json::from_str::<Value>(c) {
                 general.on_openai_chunk(&v);

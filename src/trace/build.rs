@@ -2,7 +2,7 @@
 
 use super::accumulate::Flavor;
 use super::record::{TraceInput, TraceOutput, TraceRecord};
-use crate::proxy::forward::Observer;
+use crate::proxy::forward::{ObservedRequest, Observer};
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::shaping::body::TopLevel;
@@ -47,6 +47,8 @@ pub struct CallFacts<'a> {
     pub error: Option<String>,
     /// What was observed of the response.
     pub observer: Option<&'a Observer>,
+    /// The request's side, when the forwarder kept it (else `body` is parsed).
+    pub request: Option<ObservedRequest>,
 }
 
 fn raw_to_value(top: &TopLevel<'_>, key: &str) -> Option<Value> {
@@ -64,24 +66,36 @@ fn raw_part(top: &TopLevel<'_>, key: &str) -> Option<Box<RawValue>> {
     Some(raw.to_owned())
 }
 
-/// Builds the record. Keeps the request's `messages`/`prompt`/`input` as raw JSON; only an
-/// Anthropic system prompt makes it parse the messages (to put the system message first).
-pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
-    let mut input = TraceInput::default();
-    let mut stream = false;
-    if let Ok(top) = TopLevel::parse(f.body) {
-        stream = top.get_bool("stream") == Some(true);
-        input.messages = raw_part(&top, "messages");
-        // Anthropic keeps the system prompt beside the messages; put it first, as OpenAI does.
-        if let Some(system) = raw_to_value(&top, "system") {
-            if let Some(Value::Array(mut msgs)) = raw_to_value(&top, "messages") {
-                msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
-                input.messages = serde_json::value::to_raw_value(&msgs).ok();
-            }
+/// The request's side of a trace, from its parsed body: `messages`/`prompt`/`input` kept as
+/// raw JSON; only an Anthropic system prompt makes it parse the messages (to put the system
+/// message first). The forwarder calls this on the parse it routes by, so a traced call
+/// parses its body once.
+pub fn request_input(top: &TopLevel<'_>) -> TraceInput {
+    let mut input = TraceInput {
+        messages: raw_part(top, "messages"),
+        ..TraceInput::default()
+    };
+    // Anthropic keeps the system prompt beside the messages; put it first, as OpenAI does.
+    if let Some(system) = raw_to_value(top, "system") {
+        if let Some(Value::Array(mut msgs)) = raw_to_value(top, "messages") {
+            msgs.insert(0, serde_json::json!({"role": "system", "content": system}));
+            input.messages = serde_json::value::to_raw_value(&msgs).ok();
         }
-        input.prompt = raw_part(&top, "prompt");
-        input.input = raw_part(&top, "input");
     }
+    input.prompt = raw_part(top, "prompt");
+    input.input = raw_part(top, "input");
+    input
+}
+
+/// Builds the record, with the request's side as the forwarder read it, else from the body.
+pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
+    let (mut input, stream) = match f.request {
+        Some(r) => (r.input, r.stream),
+        None => match TopLevel::parse(f.body) {
+            Ok(top) => (request_input(&top), top.get_bool("stream") == Some(true)),
+            Err(_) => (TraceInput::default(), false),
+        },
+    };
     let mut output = TraceOutput::default();
     let mut tokens = Default::default();
     let mut trace_id = None;
@@ -162,6 +176,7 @@ mod tests {
             status: 200,
             error: None,
             observer: None,
+            request: None,
         })
     }
 

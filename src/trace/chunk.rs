@@ -149,18 +149,22 @@ impl Template {
         self.after.extend_from_slice(after.as_bytes());
     }
 
-    /// The string in the template's place, when `data` fits the template.
-    pub fn fill<'a>(&self, data: &'a str) -> Option<&'a str> {
-        let b = data.as_bytes();
+    /// The string in the template's place, when `data` fits the template. Only that
+    /// string is checked as UTF-8: the parts around it are the template's, valid text that
+    /// ends and starts with a quote.
+    pub fn fill<'a>(&self, data: &'a [u8]) -> Option<&'a str> {
         if self.before.is_empty()
-            || b.len() < self.before.len() + self.after.len()
-            || !b.starts_with(&self.before)
-            || !b.ends_with(&self.after)
+            || data.len() < self.before.len() + self.after.len()
+            || !data.starts_with(&self.before)
+            || !data.ends_with(&self.after)
         {
             return None;
         }
-        let value = data.get(self.before.len()..b.len() - self.after.len())?;
-        find_stop(value.as_bytes()).is_none().then_some(value)
+        let value = data.get(self.before.len()..data.len() - self.after.len())?;
+        if find_stop(value).is_some() {
+            return None;
+        }
+        std::str::from_utf8(value).ok()
     }
 }
 
@@ -182,7 +186,7 @@ static STOP: [bool; 256] = {
 /// a byte rightly flagged, so the lowest flag is exact. Chunk strings are short (keys, ids,
 /// a token of text): memchr's setup costs more there, and a table lookup per byte was the
 /// largest single cost of a traced stream (callgrind: 43k of its 120k extra instructions).
-fn find_stop(b: &[u8]) -> Option<usize> {
+pub(super) fn find_stop(b: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const TOPS: u64 = 0x8080_8080_8080_8080;
     let zero = |v: u64| v.wrapping_sub(ONES) & !v;
@@ -579,28 +583,32 @@ mod tests {
             panic!("not borrowed");
         };
         let mut t = Template::default();
-        assert_eq!(t.fill(first), None, "an empty template fits nothing");
+        assert_eq!(
+            t.fill(first.as_bytes()),
+            None,
+            "an empty template fits nothing"
+        );
         t.learn(first, text);
-        assert_eq!(t.fill(first), Some("abc"));
+        assert_eq!(t.fill(first.as_bytes()), Some("abc"));
         let chunk =
             |s: &str| format!(r#"{{"choices":[{{"delta":{{"content":"{s}"}}}}],"id":"x"}}"#);
-        assert_eq!(t.fill(&chunk("")), Some(""));
+        assert_eq!(t.fill(chunk("").as_bytes()), Some(""));
         let fitted = chunk(" tok 😀 é");
-        assert_eq!(t.fill(&fitted), Some(" tok 😀 é"));
+        assert_eq!(t.fill(fitted.as_bytes()), Some(" tok 😀 é"));
         for stop in [r#"a\"b"#, r#"a\nb"#, "a\tb", "a\u{1}b", r#"","x":""#] {
-            assert_eq!(t.fill(&chunk(stop)), None, "{stop:?}");
+            assert_eq!(t.fill(chunk(stop).as_bytes()), None, "{stop:?}");
         }
         assert_eq!(
-            t.fill(r#"{"choices":[{"delta":{"content":"abc"}}],"id":"y"}"#),
+            t.fill(br#"{"choices":[{"delta":{"content":"abc"}}],"id":"y"}"#),
             None
         );
-        assert_eq!(t.fill(r#"{"choices":[{"delta":{"content":""#), None);
+        assert_eq!(t.fill(br#"{"choices":[{"delta":{"content":""#), None);
         // A string that is not part of the chunk, or not between quotes, is not learned.
         let mut t = Template::default();
         t.learn(first, "abc");
-        assert_eq!(t.fill(first), None);
+        assert_eq!(t.fill(first.as_bytes()), None);
         t.learn(first, &first[3..9]);
-        assert_eq!(t.fill(first), None);
+        assert_eq!(t.fill(first.as_bytes()), None);
     }
 
     #[test]

@@ -104,7 +104,16 @@ impl CollectorSink {
 
 impl Sink for CollectorSink {
     fn write(&mut self, batch: &[TraceRecord]) -> Result<(), String> {
-        let body = Bytes::from(serde_json::to_vec(batch).map_err(|e| e.to_string())?);
+        let mut json = Vec::with_capacity(batch.len() * 1024 + 2);
+        json.push(b'[');
+        for (i, rec) in batch.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            super::json::write_record(&mut json, rec);
+        }
+        json.push(b']');
+        let body = Bytes::from(json);
         let mut delay = Duration::from_millis(250);
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {

@@ -5,6 +5,7 @@ pub mod accumulate;
 pub mod build;
 pub mod chunk;
 pub mod collector;
+pub mod json;
 pub mod record;
 pub mod sink;
 

@@ -72,7 +72,7 @@ impl Sink for JsonlSink {
         for rec in batch {
             let mut line = std::mem::take(&mut self.line);
             line.clear();
-            serde_json::to_writer(&mut line, rec).map_err(|e| e.to_string())?;
+            super::json::write_record(&mut line, rec);
             line.push(b'\n');
             if self.size > 0 && self.size + line.len() as u64 > self.max_size {
                 self.rotate()?;
@@ -136,6 +136,13 @@ impl SqliteSink {
     }
 }
 
+/// A record as JSON text.
+fn record_json(rec: &TraceRecord) -> Result<String, String> {
+    let mut out = Vec::with_capacity(1024);
+    super::json::write_record(&mut out, rec);
+    String::from_utf8(out).map_err(|e| format!("trace record is not UTF-8: {e}"))
+}
+
 /// Session uids a record is filed under: the slug's `session_uids`, else its session name.
 pub fn session_uids(rec: &TraceRecord) -> Vec<String> {
     if !rec.session_uids.is_empty() {
@@ -166,7 +173,7 @@ impl Sink for SqliteSink {
             for rec in batch {
                 let namespace = rec.session_name.clone().unwrap_or_else(|| "default".into());
                 let meta = serde_json::to_string(&rec.metadata).map_err(|e| e.to_string())?;
-                let mut data = serde_json::to_string(rec).map_err(|e| e.to_string())?;
+                let mut data = record_json(rec)?;
                 let mut id = rec.trace_id.clone();
                 let mut insert = |id: &str, data: &str| {
                     put.execute(params![
@@ -187,7 +194,7 @@ impl Sink for SqliteSink {
                     let mut unique = rec.clone();
                     unique.trace_id = format!("{}:{}", rec.trace_id, rec.request_id);
                     id = unique.trace_id.clone();
-                    data = serde_json::to_string(&unique).map_err(|e| e.to_string())?;
+                    data = record_json(&unique)?;
                     n = insert(&id, &data)?;
                 }
                 if n == 0 {
