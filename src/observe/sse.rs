@@ -18,7 +18,12 @@ pub struct SseEvent<'a> {
 impl SseEvent<'_> {
     /// The data as text (invalid UTF-8 replaced, as a lossy decoder does).
     pub fn text(&self) -> Cow<'_, str> {
-        String::from_utf8_lossy(&self.data)
+        // The standard library's validator is several times faster than the lossy
+        // decoder's, and events are almost always valid.
+        match std::str::from_utf8(&self.data) {
+            Ok(t) => Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(&self.data),
+        }
     }
 }
 

@@ -149,13 +149,6 @@ impl Accumulator {
         }
     }
 
-    /// Hot path of traced streams: an OpenAI chunk read into borrowed views
-    /// ([`super::chunk::scan`]), so the common fields (ids, text deltas, finish reasons)
-    /// cost no `Value` tree; only the structured parts that are present (tool calls,
-    /// logprobs, ids, usage) are built as values and go through the same code as
-    /// [`Self::on_openai_chunk`]. Returns false, having changed nothing, when the chunk
-    /// does not fit the views (a field of another type, a duplicate key): the caller then
-    /// takes the general path.
     /// A chunk that fits the stream's template adds its text to the template's choice.
     fn fill_template(&mut self, data: &[u8]) -> bool {
         let Some(text) = self.template.fill(data) else {
@@ -167,6 +160,13 @@ impl Accumulator {
         true
     }
 
+    /// Hot path of traced streams: an OpenAI chunk read into borrowed views
+    /// ([`super::chunk::scan`]), so the common fields (ids, text deltas, finish reasons)
+    /// cost no `Value` tree; only the structured parts that are present (tool calls,
+    /// logprobs, ids, usage) are built as values and go through the same code as
+    /// [`Self::on_openai_chunk`]. Returns false, having changed nothing, when the chunk
+    /// does not fit the views (a field of another type, a duplicate key): the caller then
+    /// takes the general path.
     fn on_openai_fast(&mut self, data: &str) -> bool {
         if self.fill_template(data.as_bytes()) {
             return true;

@@ -7,6 +7,7 @@
 use super::chunk::find_stop;
 use super::record::{ChoiceOutput, Tokens, TraceInput, TraceOutput, TraceRecord};
 use serde::Serialize;
+use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
 /// Appends `rec` to `out` as one JSON object (no newline).
@@ -66,7 +67,7 @@ pub fn write_record(out: &mut Vec<u8>, rec: &TraceRecord) {
         string(out, uid);
     }
     out.extend_from_slice(b"],\"metadata\":");
-    value(out, metadata);
+    map(out, metadata);
     out.extend_from_slice(b",\"input\":");
     write_input(out, input);
     out.extend_from_slice(b",\"output\":");
@@ -118,7 +119,7 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
         choices,
     } = output;
     out.extend_from_slice(b"{\"message\":");
-    value(out, message);
+    json(out, message);
     out.extend_from_slice(b",\"finish_reason\":");
     opt_string(out, finish_reason.as_deref());
     out.extend_from_slice(b",\"output_token_ids\":");
@@ -146,7 +147,7 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
     out.extend_from_slice(b"{\"index\":");
     let _ = write!(Utf8(out), "{index}");
     out.extend_from_slice(b",\"message\":");
-    value(out, message);
+    json(out, message);
     out.extend_from_slice(b",\"finish_reason\":");
     opt_string(out, finish_reason.as_deref());
     out.extend_from_slice(b",\"output_token_ids\":");
@@ -174,7 +175,44 @@ fn write_tokens(out: &mut Vec<u8>, t: &Tokens) {
     out.push(b'}');
 }
 
-/// Values whose text serde_json decides (numbers, floats, maps, arrays): written by it.
+/// A JSON value: its strings (the reply's text, mostly) are escaped here, numbers are
+/// written by serde_json.
+fn json(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => value(out, n),
+        Value::String(s) => string(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(m) => map(out, m),
+    }
+}
+
+/// A JSON object, in the map's own order (the order serde_json writes it in).
+fn map(out: &mut Vec<u8>, m: &Map<String, Value>) {
+    out.push(b'{');
+    for (i, (k, v)) in m.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(out, k);
+        out.push(b':');
+        json(out, v);
+    }
+    out.push(b'}');
+}
+
+/// Values whose text serde_json decides (numbers, floats, lists of them): written by it.
 fn value<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     // Writing plain data into a Vec cannot fail; a failure would leave a partial value,
     // which the record's readers reject, so it is not silently wrong either.
@@ -252,7 +290,10 @@ mod tests {
         let raw = |s: &str| Some(RawValue::from_string(s.to_string()).unwrap());
         let choice = |index: u64| ChoiceOutput {
             index,
-            message: json!({"role": "assistant", "content": text, "tool_calls": [{"id": "t"}]}),
+            message: json!({
+                "role": "assistant", "content": text, "tool_calls": [{"id": "t", "n": [1, -2, 3.5e300, true, false, null, [], {}]}],
+                text.clone(): {"deep": [[["x"]]], "u": u64::MAX, "i": i64::MIN, "f": -0.0}
+            }),
             finish_reason: Some(text.clone()),
             output_token_ids: vec![-1, 0, i64::MAX, i64::MIN],
             rollout_logprobs: Some(vec![-0.5, 0.0, -1e-300, f64::NAN, f64::INFINITY, -12.25]),
