@@ -227,11 +227,13 @@ pub async fn forward(
             // when no other key or replica can take the request.
             let Some(h) = read_decision_body(&mut us, &t).await else {
                 ctx.status = status;
-                let r = relay(
-                    session, connector, us, &replica, &out, ctx, obs, deadline, &t,
-                )
-                .await;
+                let r = relay(session, &mut us, &replica, &out, ctx, obs, deadline, &t).await;
                 ctx.upstream_time = Some(attempt_started.elapsed());
+                if r.is_ok() {
+                    connector
+                        .release(us, &replica.peer, replica.peer.options.idle_timeout)
+                        .await;
+                }
                 return r;
             };
             connector
@@ -300,12 +302,16 @@ pub async fn forward(
         }
         ctx.status = status;
         // The lease stays alive (in flight) until the response has been relayed.
-        let r = relay(
-            session, connector, us, &replica, &out, ctx, obs, deadline, &t,
-        )
-        .await;
+        let r = relay(session, &mut us, &replica, &out, ctx, obs, deadline, &t).await;
         ctx.upstream_time = Some(attempt_started.elapsed());
         drop(lease);
+        // Read to its end: the connection goes back to the pool. Any other outcome drops
+        // it, which closes it (the upstream sees the abort).
+        if r.is_ok() {
+            connector
+                .release(us, &replica.peer, replica.peer.options.idle_timeout)
+                .await;
+        }
         return r;
     }
     if let Some(h) = held.take() {
@@ -399,8 +405,7 @@ async fn pass_through(
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     session: &mut Session,
-    connector: &Connector,
-    mut us: HttpSession,
+    us: &mut HttpSession,
     replica: &Replica,
     out: &Outbound<'_>,
     ctx: &mut RequestCtx,
@@ -465,10 +470,7 @@ async fn relay(
             }
         }
     }
-    let r = stream_body(
-        session, connector, us, replica, &mut relay, initial, deadline, t, obs,
-    )
-    .await;
+    let r = stream_body(session, us, replica, &mut relay, initial, deadline, t, obs).await;
     ctx.responded = relay.header_sent;
     r
 }
@@ -693,8 +695,7 @@ struct Relay {
 #[allow(clippy::too_many_arguments)]
 async fn stream_body(
     session: &mut Session,
-    connector: &Connector,
-    mut us: HttpSession,
+    us: &mut HttpSession,
     replica: &Replica,
     relay: &mut Relay,
     initial: Option<Step>,
@@ -740,7 +741,7 @@ async fn stream_body(
         };
         match step {
             Step::Chunk(Some(chunk)) => {
-                let (chunk, next) = coalesce_ready(&mut us, chunk);
+                let (chunk, next) = coalesce_ready(us, chunk);
                 pending = next;
                 // Forward first; the observer gets a cheap clone afterwards.
                 let seen = obs.is_some().then(|| chunk.clone());
@@ -775,7 +776,8 @@ async fn stream_body(
                         None => session.write_response_body(Some(out), false).await,
                     };
                     if written.is_err() {
-                        // Dropping `us` closes the upstream connection: the upstream sees the abort.
+                        // The caller drops `us`, closing the upstream connection: the
+                        // upstream sees the abort.
                         return Err(EdgeError::ClientClosed);
                     }
                 } else if !json_hold {
@@ -802,9 +804,6 @@ async fn stream_body(
                 if let Some(o) = obs.as_deref_mut() {
                     o.finish();
                 }
-                connector
-                    .release(us, &replica.peer, replica.peer.options.idle_timeout)
-                    .await;
                 return Ok(());
             }
             Step::ClientGone => return Err(EdgeError::ClientClosed),

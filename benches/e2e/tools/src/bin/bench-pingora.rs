@@ -1,10 +1,10 @@
 //! `bench-pingora`: the Pingora floor of the end-to-end benchmark (target `pingora-min`).
 //!
 //! A `ProxyHttp` with no logic: every request goes to one fixed upstream, no header or body
-//! work, Pingora's defaults otherwise. It runs on the same Pingora version, the same server
-//! settings (one thread, no work stealing), the same allocator (jemalloc) and the same release
-//! profile as llm-edge, so what it costs is what the framework itself costs, and llm-edge's
-//! figures split into that floor and llm-edge's own cost on top of it.
+//! work, Pingora's defaults otherwise. It runs on the same Pingora version and features, the
+//! same server settings (one thread, no work stealing), the same allocator (jemalloc) and the
+//! same release profile as llm-edge, so what it costs is what the framework itself costs, and
+//! llm-edge's figures split into that floor and llm-edge's own cost on top of it.
 //!
 //! Usage: `bench-pingora --listen 127.0.0.1:PORT --upstream HOST:PORT --tmp DIR`
 //! (`DIR` holds the pid file and the upgrade socket). SIGINT stops it at once.
