@@ -67,10 +67,12 @@ async fn answer(
 
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
-    type CTX = RequestCtx;
+    // Boxed: Pingora keeps the context inline in its per-request futures, several copies
+    // deep, so its size is paid per open stream on every route; a box costs 8 bytes there.
+    type CTX = Box<RequestCtx>;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx::new()
+        Box::new(RequestCtx::new())
     }
 
     async fn request_filter(
