@@ -53,8 +53,8 @@ impl SseSplitter {
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
         if self.buf.is_empty() {
             let mut rest = chunk;
-            while let Some((end, sep)) = find_boundary(rest) {
-                if let Some(ev) = parse_event(&rest[..end]) {
+            while let Some((end, sep, one_line)) = find_boundary(rest) {
+                if let Some(ev) = parse_event(&rest[..end], one_line) {
                     on_event(ev);
                 }
                 rest = &rest[end + sep..];
@@ -63,10 +63,10 @@ impl SseSplitter {
             return;
         }
         self.buf.extend_from_slice(chunk);
-        while let Some((end, sep)) = find_boundary(&self.buf) {
+        while let Some((end, sep, one_line)) = find_boundary(&self.buf) {
             let raw = self.buf.split_to(end);
             self.buf.advance(sep);
-            if let Some(ev) = parse_event(&raw) {
+            if let Some(ev) = parse_event(&raw, one_line) {
                 on_event(ev);
             }
         }
@@ -88,23 +88,24 @@ impl SseSplitter {
     }
 }
 
-/// Position of the first blank line (`\n\n`, `\r\n\r\n` or `\r\r`) and its length.
-fn find_boundary(b: &[u8]) -> Option<(usize, usize)> {
+/// Position of the first blank line (`\n\n`, `\r\n\r\n` or `\r\r`), its length, and whether
+/// the event before it is a single line (the boundary was the first line end found).
+fn find_boundary(b: &[u8]) -> Option<(usize, usize, bool)> {
     // Jump between line ends (memchr) instead of testing every byte.
     let mut from = 0;
     while let Some(off) = memchr::memchr2(b'\n', b'\r', b.get(from..)?) {
         let i = from + off;
         match b[i] {
-            b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2)),
+            b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2, from == 0)),
             b'\r' if b.get(i + 1) == Some(&b'\n') => {
                 if b.get(i + 2) == Some(&b'\r') && b.get(i + 3) == Some(&b'\n') {
-                    return Some((i, 4));
+                    return Some((i, 4, from == 0));
                 }
                 if b.get(i + 2) == Some(&b'\n') {
-                    return Some((i, 3));
+                    return Some((i, 3, from == 0));
                 }
             }
-            b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2)),
+            b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2, from == 0)),
             _ => {}
         }
         from = i + 1;
@@ -112,10 +113,11 @@ fn find_boundary(b: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-fn parse_event(raw: &[u8]) -> Option<SseEvent<'_>> {
+/// One event's fields; `one_line` says the splitter found no line end inside it.
+fn parse_event(raw: &[u8], one_line: bool) -> Option<SseEvent<'_>> {
     // The usual event is one `data: ` line.
     if let Some(payload) = raw.strip_prefix(b"data: ") {
-        if memchr::memchr2(b'\n', b'\r', payload).is_none() {
+        if one_line || memchr::memchr2(b'\n', b'\r', payload).is_none() {
             return Some(SseEvent {
                 event: None,
                 data: Cow::Borrowed(payload),

@@ -155,8 +155,7 @@ impl Accumulator {
             return false;
         };
         let acc = self.choice(self.template_choice);
-        acc.content.push_str(text);
-        acc.has_content = true;
+        acc.push_content(text);
         true
     }
 
@@ -202,8 +201,7 @@ impl Accumulator {
                     acc.role = Some(r.into_owned());
                 }
                 if let Some(t) = d.content {
-                    acc.content.push_str(&t);
-                    acc.has_content = true;
+                    acc.push_content(&t);
                 }
                 for t in [d.reasoning_content, d.reasoning].into_iter().flatten() {
                     acc.reasoning.push_str(&t);
@@ -217,8 +215,7 @@ impl Accumulator {
             }
             if completions {
                 if let Some(t) = c.text {
-                    acc.content.push_str(&t);
-                    acc.has_content = true;
+                    acc.push_content(&t);
                 }
                 if let Some(p) = raw_value(c.prompt_token_ids).as_ref().and_then(ids) {
                     acc.prompt_token_ids.get_or_insert(p);
@@ -342,8 +339,7 @@ impl Accumulator {
                 match d.get("type").and_then(Value::as_str).unwrap_or_default() {
                     "text_delta" => {
                         if let Some(t) = d.get("text").and_then(Value::as_str) {
-                            acc.content.push_str(t);
-                            acc.has_content = true;
+                            acc.push_content(t);
                         }
                     }
                     "thinking_delta" => {
@@ -437,6 +433,17 @@ impl Accumulator {
 }
 
 impl ChoiceAcc {
+    /// Appends reply text. The first piece reserves room for a short reply at once: text
+    /// comes a few bytes per event, and growing from nothing reallocates (and copies) at
+    /// every doubling.
+    fn push_content(&mut self, text: &str) {
+        if self.content.capacity() == 0 {
+            self.content.reserve(text.len().max(256));
+        }
+        self.content.push_str(text);
+        self.has_content = true;
+    }
+
     /// A message or a delta: role, content, reasoning, tool calls (deltas carry their index;
     /// a whole message's calls are numbered by position).
     fn absorb_message(&mut self, m: &Value) {
@@ -444,8 +451,7 @@ impl ChoiceAcc {
             self.role = Some(r.to_string());
         }
         if let Some(t) = m.get("content").and_then(Value::as_str) {
-            self.content.push_str(t);
-            self.has_content = true;
+            self.push_content(t);
         }
         for key in ["reasoning_content", "reasoning"] {
             if let Some(t) = m.get(key).and_then(Value::as_str) {
@@ -469,8 +475,7 @@ impl ChoiceAcc {
     fn absorb_choice(&mut self, c: &Value, completions: bool) {
         if completions {
             if let Some(t) = c.get("text").and_then(Value::as_str) {
-                self.content.push_str(t);
-                self.has_content = true;
+                self.push_content(t);
             }
             if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
                 self.prompt_token_ids.get_or_insert(p);
@@ -510,7 +515,7 @@ fn anthropic_block_start(acc: &mut ChoiceAcc, index: u64, b: &Value) {
     match b.get("type").and_then(Value::as_str).unwrap_or_default() {
         "text" => {
             if let Some(t) = b.get("text").and_then(Value::as_str) {
-                acc.content.push_str(t);
+                acc.push_content(t);
             }
             acc.has_content = true;
         }

@@ -8,7 +8,6 @@ use super::chunk::find_stop;
 use super::record::{ChoiceOutput, Tokens, TraceInput, TraceOutput, TraceRecord};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::fmt::Write as _;
 
 /// Appends `rec` to `out` as one JSON object (no newline).
 pub fn write_record(out: &mut Vec<u8>, rec: &TraceRecord) {
@@ -79,7 +78,7 @@ pub fn write_record(out: &mut Vec<u8>, rec: &TraceRecord) {
     } else {
         b",\"stream\":false,\"status\":"
     });
-    let _ = write!(Utf8(out), "{status}");
+    uint(out, u64::from(*status));
     out.extend_from_slice(b",\"error\":");
     opt_string(out, error.as_deref());
     out.push(b'}');
@@ -145,7 +144,7 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
         rollout_logprobs,
     } = c;
     out.extend_from_slice(b"{\"index\":");
-    let _ = write!(Utf8(out), "{index}");
+    uint(out, *index);
     out.extend_from_slice(b",\"message\":");
     json(out, message);
     out.extend_from_slice(b",\"finish_reason\":");
@@ -164,13 +163,15 @@ fn write_tokens(out: &mut Vec<u8>, t: &Tokens) {
         total,
         cached,
     } = t;
-    let mut w = Utf8(out);
-    let _ = write!(
-        w,
-        "{{\"prompt\":{prompt},\"completion\":{completion},\"total\":{total}"
-    );
+    out.extend_from_slice(b"{\"prompt\":");
+    uint(out, *prompt);
+    out.extend_from_slice(b",\"completion\":");
+    uint(out, *completion);
+    out.extend_from_slice(b",\"total\":");
+    uint(out, *total);
     if let Some(cached) = cached {
-        let _ = write!(w, ",\"cached\":{cached}");
+        out.extend_from_slice(b",\"cached\":");
+        uint(out, *cached);
     }
     out.push(b'}');
 }
@@ -256,14 +257,20 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// `fmt::Write` over a byte buffer, for integers.
-struct Utf8<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for Utf8<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
+/// An unsigned integer in decimal (what `fmt` writes, without its machinery: records have
+/// several, and `write!` costs a few hundred instructions each).
+fn uint(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
+    out.extend_from_slice(&digits[at..]);
 }
 
 #[cfg(test)]
@@ -280,6 +287,39 @@ mod tests {
             String::from_utf8_lossy(&ours),
             String::from_utf8_lossy(&theirs)
         );
+    }
+
+    #[test]
+    fn writes_integers_as_serde_json_does() {
+        let mut edges = vec![0, 1, 9, u64::MAX];
+        let mut p = 10u64;
+        while let Some(next) = p.checked_mul(10) {
+            edges.extend([p - 1, p, p + 1]);
+            p = next;
+        }
+        edges.extend([p - 1, p, p + 1]);
+        for n in edges {
+            same_as_serde(&TraceRecord {
+                status: u16::try_from(n).unwrap_or(u16::MAX),
+                tokens: Tokens {
+                    prompt: n,
+                    completion: n / 7,
+                    total: n.wrapping_add(3),
+                    cached: Some(n),
+                },
+                output: TraceOutput {
+                    choices: vec![ChoiceOutput {
+                        index: n,
+                        message: serde_json::Value::Null,
+                        finish_reason: None,
+                        output_token_ids: vec![],
+                        rollout_logprobs: None,
+                    }],
+                    ..TraceOutput::default()
+                },
+                ..TraceRecord::default()
+            });
+        }
     }
 
     #[test]
