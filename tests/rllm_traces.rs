@@ -1113,6 +1113,10 @@ async fn jsonl_sink_writes_one_parseable_line_per_call() {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line ({e}): {l}")))
         .collect();
+    // A record is queued once its response has been sent, so the next call of a sequential
+    // client can be recorded first: lines follow completion, not the calls' order.
+    let mut recs = recs;
+    recs.sort_by_key(|r| (r.status, r.stream));
     let summary: Vec<(u16, bool, String)> = recs
         .iter()
         .map(|r| {
