@@ -117,14 +117,14 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
         rollout_logprobs,
         choices,
     } = output;
-    out.extend_from_slice(b"{\"message\":");
-    json(out, message);
-    out.extend_from_slice(b",\"finish_reason\":");
-    opt_string(out, finish_reason.as_deref());
-    out.extend_from_slice(b",\"output_token_ids\":");
-    value(out, output_token_ids);
-    out.extend_from_slice(b",\"rollout_logprobs\":");
-    value(out, rollout_logprobs);
+    out.push(b'{');
+    write_reply(
+        out,
+        message,
+        finish_reason,
+        output_token_ids,
+        rollout_logprobs,
+    );
     out.extend_from_slice(b",\"choices\":[");
     for (i, c) in choices.iter().enumerate() {
         if i > 0 {
@@ -145,7 +145,26 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
     } = c;
     out.extend_from_slice(b"{\"index\":");
     uint(out, *index);
-    out.extend_from_slice(b",\"message\":");
+    out.push(b',');
+    write_reply(
+        out,
+        message,
+        finish_reason,
+        output_token_ids,
+        rollout_logprobs,
+    );
+    out.push(b'}');
+}
+
+/// The reply fields a record's output and each of its choices share, in serde's order.
+fn write_reply(
+    out: &mut Vec<u8>,
+    message: &Value,
+    finish_reason: &Option<String>,
+    output_token_ids: &[i64],
+    rollout_logprobs: &Option<Vec<f64>>,
+) {
+    out.extend_from_slice(b"\"message\":");
     json(out, message);
     out.extend_from_slice(b",\"finish_reason\":");
     opt_string(out, finish_reason.as_deref());
@@ -153,7 +172,6 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
     value(out, output_token_ids);
     out.extend_from_slice(b",\"rollout_logprobs\":");
     value(out, rollout_logprobs);
-    out.push(b'}');
 }
 
 fn write_tokens(out: &mut Vec<u8>, t: &Tokens) {
