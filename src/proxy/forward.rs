@@ -589,21 +589,31 @@ async fn send(
 ) -> Result<HttpSession, AttemptError> {
     let name = &replica.label;
     let left = deadline.saturating_duration_since(Instant::now());
-    let (us, reused) =
+    // The peer's own connect timeout (`timeouts.connect`) already bounds a new connection, so
+    // the total deadline needs a timer of its own only when it is the nearer one. Arming one
+    // always would mean a tokio timer per request: the total (1 h by default) is above
+    // Pingora's fast-timer threshold, and each tokio timer costs a wake-up syscall.
+    let got = if left < t.connect {
         match pingora::time::fast_timeout::fast_timeout(left, connector.get(&replica.peer)).await {
+            Ok(got) => got,
             Err(_) => {
                 return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
                     "connecting to replica {name}"
                 ))))
             }
-            Ok(Err(e)) => {
-                replica.mark_connect_failure();
-                return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(
-                    format!("connecting to replica {name}: {}", e.etype().as_str()),
-                )));
-            }
-            Ok(Ok(s)) => s,
-        };
+        }
+    } else {
+        connector.get(&replica.peer).await
+    };
+    let (us, reused) = match got {
+        Err(e) => {
+            replica.mark_connect_failure();
+            return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(
+                format!("connecting to replica {name}: {}", e.etype().as_str()),
+            )));
+        }
+        Ok(s) => s,
+    };
     let mut us = write_request(us, replica, req, t.idle).await?;
     let first_byte = t
         .first_byte
