@@ -19,19 +19,19 @@ use replica::Replica;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// How many candidates `select` looks at before giving up.
-const MAX_SELECT_ITERATIONS: usize = 256;
-
 /// One upstream, ready to serve.
 pub struct Upstream {
     /// Validated config.
     pub cfg: Arc<UpstreamConfig>,
-    /// Replicas, balanced round robin.
+    /// Replicas: membership (discovery) and active health. `select_replica` balances them
+    /// itself; the balancer's own selector is not used on the request path.
     pub lb: LoadBalancer<RoundRobin>,
     /// Credentials.
     pub keys: KeyPool,
     /// Resolved addresses the egress policy refused at the last resolution.
     refused: Arc<std::sync::atomic::AtomicUsize>,
+    /// Round-robin position over the replicas.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Upstream {
@@ -70,6 +70,7 @@ impl Upstream {
             lb,
             keys,
             refused,
+            next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -123,15 +124,26 @@ impl Upstream {
             };
             return pick(true).or_else(|| pick(false));
         }
+        // Our own round robin over the current replicas: the load balancer's `select_with`
+        // hashes every candidate twice (a seen-set and the readiness map) and clones the
+        // backend it returns, about 2k instructions per request for one replica.
+        let backends = self.lb.backends().get_backend();
+        let n = backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let checked = self.cfg.health_check.is_some();
         let pick = |skip_ejected: bool| {
-            self.lb
-                .select_with(b"", MAX_SELECT_ITERATIONS, |b, healthy| {
-                    let Some(r) = b.ext.get::<Arc<Replica>>() else {
-                        return false;
-                    };
-                    healthy && accept(r, skip_ejected)
-                })
-                .and_then(|b| b.ext.get::<Arc<Replica>>().cloned())
+            backends
+                .iter()
+                .cycle()
+                .skip(start)
+                .take(n)
+                .filter(|b| !checked || self.lb.backends().ready(b))
+                .filter_map(|b| b.ext.get::<Arc<Replica>>())
+                .find(|r| accept(r, skip_ejected))
+                .cloned()
         };
         pick(true).or_else(|| pick(false))
     }
