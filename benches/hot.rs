@@ -105,6 +105,26 @@ fn bench_body_edit(c: &mut Criterion) {
                 })
             },
         );
+        // What the forwarder sends: slices of the client's buffer around the edits (no copy).
+        g.bench_with_input(
+            BenchmarkId::new("rename_and_inject_pieces", size),
+            &body,
+            |b, body| {
+                let value = String::from_utf8(json_string("Qwen/Qwen2.5-7B-Instruct")).unwrap();
+                b.iter(|| {
+                    let top = TopLevel::parse(black_box(body)).unwrap();
+                    top.apply_pieces(
+                        body,
+                        &[
+                            Edit::Set("model", Cow::Borrowed(value.as_str())),
+                            Edit::Set("logprobs", Cow::Borrowed("true")),
+                            Edit::Remove("temperature"),
+                        ],
+                    )
+                    .len()
+                })
+            },
+        );
         // The floor for any strict parse built on serde_json: skip every value, keep nothing.
         g.bench_with_input(
             BenchmarkId::new("serde_skip_baseline", size),

@@ -322,6 +322,45 @@ models:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_alternate_evenly_over_replicas() {
+    let a = Mock::replying(Reply::json(200, "{\"ok\":\"a\"}"));
+    let b = Mock::replying(Reply::json(200, "{\"ok\":\"b\"}"));
+    let yaml = format!(
+        r#"
+upstreams:
+  u:
+    kind: vllm
+    endpoints: ["{a}", "{b}"]
+models:
+  - {{name: m1, upstream: u}}
+routes:
+  - {{prefix: /pass/, upstream: u, strip_prefix: true}}
+"#,
+        a = a.url(),
+        b = b.url()
+    );
+    let proxy = Proxy::start(&yaml);
+    let c = client();
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let req = if i % 2 == 0 {
+            c.post(proxy.url(CHAT)).body("{\"model\":\"m1\"}")
+        } else {
+            c.get(proxy.url("/pass/v1/models"))
+        };
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        answers.push(resp.text().await.unwrap());
+    }
+    // API calls and pass-through requests share the upstream's rotation.
+    assert_eq!(a.requests().len(), 10);
+    assert_eq!(b.requests().len(), 10);
+    for pair in answers.chunks(2) {
+        assert_ne!(pair[0], pair[1], "consecutive requests went to one replica");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_statuses_and_bodies_pass_through_unchanged() {
     let limited = "{\"error\":{\"message\":\"Rate limit reached\",\"type\":\"requests\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}";
     let broken = "upstream exploded: \u{2620}\n";

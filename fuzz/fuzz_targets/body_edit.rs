@@ -7,7 +7,8 @@
 //! first spec byte also turns injection on for the planner. No `\n`: no edits, all the input is
 //! the body.
 //!
-//! Invariants, when `parse` accepts the body: `apply`'s output parses again, its keys are the
+//! Invariants, when `parse` accepts the body: `apply_pieces` says what `apply` says; `apply`'s
+//! output parses again, its keys are the
 //! input's in order minus removals plus additions, untouched members keep their exact bytes;
 //! when the body also parses as a `serde_json::Value` (nesting within serde_json's limit), the
 //! output equals the input with the edits applied (last edit of a key wins; removing a key the
@@ -117,6 +118,8 @@ fuzz_target!(|data: &[u8]| {
     let last_edit = |k: &str| edits.iter().rev().find(|e| edit_key(e) == k);
 
     let out = top.apply(&edits);
+    let pieces = top.apply_pieces(&bytes::Bytes::copy_from_slice(body), &edits);
+    assert_eq!(pieces.to_bytes(), out, "the pieces say what the copy says");
     let out_top = TopLevel::parse(&out).unwrap_or_else(|e| {
         panic!(
             "apply produced an invalid body: {e:?}\n{}",

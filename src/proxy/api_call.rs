@@ -8,7 +8,7 @@ use crate::observe::ledger::{CallUsage, Ledger};
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::runtime::Runtime;
-use crate::shaping::body::{json_string, Edit, TopLevel};
+use crate::shaping::body::{json_string, Edit, Pieces, TopLevel};
 use crate::shaping::sampling;
 use crate::shaping::strip::Strip;
 use crate::snapshot::Snapshot;
@@ -73,8 +73,8 @@ pub async fn read_body(session: &mut Session, limits: &Limits) -> Result<Bytes, 
 /// The body to forward and what was injected into it.
 #[derive(Debug)]
 pub struct Shaped {
-    /// Body bytes to send upstream.
-    pub body: Bytes,
+    /// Body to send upstream: the client's buffer, or slices of it around the edits.
+    pub body: Pieces,
     /// Fields added that the client did not send.
     pub injected: Vec<String>,
 }
@@ -104,12 +104,12 @@ pub fn shape_body(
     }
     if edits.is_empty() {
         return Shaped {
-            body: body.clone(),
+            body: Pieces::whole(body.clone()),
             injected: planned.injected,
         };
     }
     Shaped {
-        body: Bytes::from(top.apply(&edits)),
+        body: top.apply_pieces(body, &edits),
         injected: planned.injected,
     }
 }
@@ -388,13 +388,16 @@ mod tests {
         let (m, u) = setup("{name: q, upstream: v}");
         let same = shape_body(&b, &top, &m, &u, &no_meta(), true);
         assert_eq!(
-            same.body.as_ptr(),
+            same.body.parts()[0].as_ptr(),
             b.as_ptr(),
             "unchanged body is not copied"
         );
+        assert_eq!(same.body.parts().len(), 1);
         let (m, u) = setup("{name: q, upstream: v, model: Qwen/Q}");
         assert_eq!(
-            shape_body(&b, &top, &m, &u, &no_meta(), true).body,
+            shape_body(&b, &top, &m, &u, &no_meta(), true)
+                .body
+                .to_bytes(),
             Bytes::from_static(br#"{"model":"Qwen/Q","messages":[{"content":"\u00e9"}]}"#)
         );
     }
@@ -413,11 +416,13 @@ mod tests {
         };
         let s = shape_body(&b, &top, &m, &u, &meta, true);
         assert_eq!(
-            std::str::from_utf8(&s.body).unwrap(),
+            std::str::from_utf8(&s.body.to_bytes()).unwrap(),
             r#"{"model":"q","messages":[ {"content":"x"} ],"metadata":{"a":1,"rllm_metadata":{"session_name":"s1"}},"logprobs":true}"#
         );
         assert_eq!(s.injected, ["logprobs"]);
         let s = shape_body(&b, &top, &m, &u, &meta, false);
-        assert!(!std::str::from_utf8(&s.body).unwrap().contains("logprobs"));
+        assert!(!std::str::from_utf8(&s.body.to_bytes())
+            .unwrap()
+            .contains("logprobs"));
     }
 }

@@ -8,6 +8,7 @@ use super::respond;
 use crate::error::EdgeError;
 use crate::observe::metrics::RetryReason;
 use crate::observe::usage::UsageScanner;
+use crate::shaping::body::Pieces;
 use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
 use crate::upstream::connector::UpstreamConnector as Connector;
@@ -62,8 +63,8 @@ pub struct Outbound<'a> {
     pub client: &'a RequestHeader,
     /// Path and query to send.
     pub path_and_query: &'a str,
-    /// The body to send (whole, possibly edited).
-    pub body: Bytes,
+    /// The body to send (whole, possibly edited), in the pieces it is written in.
+    pub body: Pieces,
     /// Injected fields to remove from a successful response (`strip_injected_fields`).
     pub strip: Option<Strip>,
     /// Model as the upstream sees it (keys cool down per key and model).
@@ -526,14 +527,13 @@ async fn write_request(
             )
             .map_err(build_failed)?;
             let mut stream = h1.into_inner();
-            let mut bufs = [
-                std::io::IoSlice::new(&head),
-                std::io::IoSlice::new(&out.body),
-            ];
+            let mut bufs = Vec::with_capacity(1 + out.body.parts().len());
+            bufs.push(std::io::IoSlice::new(&head));
+            bufs.extend(out.body.parts().iter().map(|p| std::io::IoSlice::new(p)));
             // Pingora's timer wheel: arming a tokio timer costs a wake-up syscall per request.
             match pingora::time::fast_timeout::fast_timeout(
                 idle,
-                write_all_vectored(&mut stream, &mut bufs),
+                write_all_vectored(&mut stream, &mut bufs[..]),
             )
             .await
             {
@@ -560,7 +560,7 @@ async fn write_request(
             us.set_write_timeout(Some(idle));
             let write = async {
                 us.write_request_header(Box::new(header)).await?;
-                us.write_request_body(out.body.clone(), true).await?;
+                us.write_request_body(out.body.to_bytes(), true).await?;
                 us.finish_request_body().await
             };
             match write.await {

@@ -5,6 +5,7 @@
 //! value are never re-serialised (DESIGN hot-path rules; benchmarked in `benches/hot.rs`).
 
 use crate::error::EdgeError;
+use bytes::Bytes;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -136,16 +137,36 @@ impl<'a> TopLevel<'a> {
 
     /// Applies edits and returns the new body. Untouched bytes are copied as they were.
     pub fn apply(&self, edits: &[Edit<'_>]) -> Vec<u8> {
+        let mut out = Copied(Vec::with_capacity(self.body.len() + 64));
+        self.splice(edits, &mut out);
+        out.0
+    }
+
+    /// [`apply`](Self::apply) without copying the body: the result is slices of `body`
+    /// (which must hold the bytes this was parsed from) around the edited text, for a vectored
+    /// write. A rename in a 100 KB chat body then copies a few bytes, not 100 KB.
+    pub fn apply_pieces(&self, body: &Bytes, edits: &[Edit<'_>]) -> Pieces {
+        debug_assert_eq!(body.as_ref(), self.body);
+        let mut out = Sliced {
+            body,
+            parts: Vec::with_capacity(4),
+            text: Vec::new(),
+        };
+        self.splice(edits, &mut out);
+        out.flush();
+        Pieces(out.parts)
+    }
+
+    fn splice(&self, edits: &[Edit<'_>], out: &mut impl Splice) {
         // Replacements and removals are keyed by entry index; additions go before the final `}`.
-        let mut out = Vec::with_capacity(self.body.len() + 64);
         let mut cursor = 0;
         let mut kept = 0usize;
         for (i, entry) in self.entries.iter().enumerate() {
             let edit = edits.iter().rev().find(|e| e.key() == entry.key);
             match edit {
                 Some(Edit::Set(_, value)) => {
-                    out.extend_from_slice(&self.body[cursor..entry.span.start]);
-                    out.extend_from_slice(value.as_bytes());
+                    out.original(self.body, cursor..entry.span.start);
+                    out.text(value.as_bytes());
                     cursor = entry.span.end;
                     kept += 1;
                 }
@@ -157,7 +178,7 @@ impl<'a> TopLevel<'a> {
                     } else {
                         self.entries[i - 1].span.end.max(cursor)
                     };
-                    out.extend_from_slice(&self.body[cursor..member_start]);
+                    out.original(self.body, cursor..member_start);
                     cursor = entry.span.end;
                     if kept == 0 {
                         // Removing the first kept member: skip the comma that follows it.
@@ -167,7 +188,7 @@ impl<'a> TopLevel<'a> {
                 None => kept += 1,
             }
         }
-        out.extend_from_slice(&self.body[cursor..self.close]);
+        out.original(self.body, cursor..self.close);
         let mut has_members = kept > 0;
         for edit in edits {
             if let Edit::Set(key, value) = edit {
@@ -175,20 +196,17 @@ impl<'a> TopLevel<'a> {
                     continue;
                 }
                 // Trim trailing whitespace before the `}` so the addition reads naturally.
-                while out.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                    out.pop();
-                }
+                out.trim_end_whitespace();
                 if has_members {
-                    out.push(b',');
+                    out.text(b",");
                 }
-                out.extend_from_slice(&json_string(key));
-                out.push(b':');
-                out.extend_from_slice(value.as_bytes());
+                out.text(&json_string(key));
+                out.text(b":");
+                out.text(value.as_bytes());
                 has_members = true;
             }
         }
-        out.extend_from_slice(&self.body[self.close..]);
-        out
+        out.original(self.body, self.close..self.body.len());
     }
 
     fn opening(&self) -> usize {
@@ -203,6 +221,125 @@ impl<'a> TopLevel<'a> {
             at += 1;
         }
         at
+    }
+}
+
+/// A body as the pieces it is sent in (see [`TopLevel::apply_pieces`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pieces(Vec<Bytes>);
+
+impl Pieces {
+    /// The body as one piece.
+    pub fn whole(body: Bytes) -> Self {
+        Self(vec![body])
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Bytes::is_empty)
+    }
+
+    /// The pieces, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.0
+    }
+
+    /// The body in one buffer (copied only when it is in several pieces).
+    pub fn to_bytes(&self) -> Bytes {
+        match self.0.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => Bytes::from(parts.concat()),
+        }
+    }
+}
+
+/// Where [`TopLevel::splice`] writes the edited body.
+trait Splice {
+    /// Bytes of the original body, unchanged.
+    fn original(&mut self, body: &[u8], range: Range<usize>);
+    /// New text.
+    fn text(&mut self, text: &[u8]);
+    /// Removes ASCII whitespace at the end of what was written so far.
+    fn trim_end_whitespace(&mut self);
+}
+
+/// Into one new buffer.
+struct Copied(Vec<u8>);
+
+impl Splice for Copied {
+    fn original(&mut self, body: &[u8], range: Range<usize>) {
+        self.0.extend_from_slice(&body[range]);
+    }
+    fn text(&mut self, text: &[u8]) {
+        self.0.extend_from_slice(text);
+    }
+    fn trim_end_whitespace(&mut self) {
+        while self.0.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            self.0.pop();
+        }
+    }
+}
+
+/// Into slices of the original body; new text and short original runs (separators between
+/// edits) are gathered in `text`, so a body has few pieces however many fields change.
+struct Sliced<'b> {
+    body: &'b Bytes,
+    parts: Vec<Bytes>,
+    text: Vec<u8>,
+}
+
+/// Original runs shorter than this are copied into the text piece rather than sliced.
+const SLICE_AT_LEAST: usize = 256;
+
+impl Sliced<'_> {
+    fn flush(&mut self) {
+        if !self.text.is_empty() {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.text)));
+        }
+    }
+}
+
+impl Splice for Sliced<'_> {
+    fn original(&mut self, _body: &[u8], range: Range<usize>) {
+        if range.len() < SLICE_AT_LEAST {
+            self.text.extend_from_slice(&self.body[range]);
+        } else {
+            self.flush();
+            self.parts.push(self.body.slice(range));
+        }
+    }
+    fn text(&mut self, text: &[u8]) {
+        self.text.extend_from_slice(text);
+    }
+    fn trim_end_whitespace(&mut self) {
+        loop {
+            if !self.text.is_empty() {
+                while self.text.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    self.text.pop();
+                }
+                if !self.text.is_empty() {
+                    return;
+                }
+            }
+            let Some(last) = self.parts.last_mut() else {
+                return;
+            };
+            let keep = last
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .map_or(0, |p| p + 1);
+            last.truncate(keep);
+            if keep > 0 {
+                return;
+            }
+            self.parts.pop();
+        }
     }
 }
 
@@ -285,6 +422,48 @@ mod tests {
                 matches!(TopLevel::parse(bad), Err(EdgeError::InvalidJson(_))),
                 "{bad:?}"
             );
+        }
+    }
+
+    /// The pieces say the same bytes as the copy, in few parts, and slice the client's buffer
+    /// for long untouched runs.
+    #[test]
+    fn pieces_match_the_copied_body() {
+        let long = "x".repeat(1000);
+        let bodies = [
+            format!(r#"{{"model":"q","messages":[{{"content":"{long}"}}],"n":1}}"#),
+            format!(r#"{{ "messages":"{long}" ,  "model" : "q"   }}"#),
+            format!("{{\"a\":\"{long}\"\n}}\n"),
+            r#"{"model":"q"}"#.to_string(),
+            "{ }".to_string(),
+            format!(r#"{{"model":"q","temperature":0.5,"messages":"{long}","stream":true  }}"#),
+        ];
+        let edit_sets: [&[Edit]; 6] = [
+            &[Edit::Set("model", "\"Qwen/Q\"".into())],
+            &[Edit::Set("logprobs", "true".into())],
+            &[Edit::Set("x", " 1 ".into()), Edit::Set("y", "2".into())],
+            &[Edit::Remove("model"), Edit::Remove("temperature")],
+            &[
+                Edit::Remove("stream"),
+                Edit::Set("model", "\"m\"".into()),
+                Edit::Set("top_logprobs", "5".into()),
+            ],
+            &[],
+        ];
+        for body in &bodies {
+            let bytes = Bytes::from(body.clone());
+            let top = TopLevel::parse(&bytes).unwrap();
+            for edits in edit_sets {
+                let pieces = top.apply_pieces(&bytes, edits);
+                let copied = top.apply(edits);
+                assert_eq!(pieces.to_bytes(), copied, "{body} {edits:?}");
+                assert_eq!(pieces.len(), copied.len());
+                assert!(pieces.parts().len() <= 3, "{:?}", pieces.parts());
+                for p in pieces.parts().iter().filter(|p| p.len() >= SLICE_AT_LEAST) {
+                    let inside = bytes.as_ptr_range();
+                    assert!(inside.contains(&p.as_ptr()), "a long run was copied");
+                }
+            }
         }
     }
 
