@@ -194,10 +194,10 @@ impl UsageScanner {
             }
         }
         if let Some(at) = find_usage_object(chunk) {
+            // Parsed where it is; copied only when the object continues in a later chunk.
             let end = (at + USAGE_CAP).min(chunk.len());
-            let cap = chunk[at..end].to_vec();
-            if !self.try_take(&cap) {
-                self.capture = cap;
+            if !self.try_take(&chunk[at..end]) {
+                self.capture = chunk[at..end].to_vec();
             }
         }
         // Carry the last bytes so a key split across two chunks is still found.
@@ -210,18 +210,22 @@ impl UsageScanner {
 
     /// Parses a usage object starting at `"usage"` in `cap`; true when it did.
     fn try_take(&mut self, cap: &[u8]) -> bool {
-        if parse_usage_at(cap, 0).is_some() {
-            self.take(cap, 0);
-            true
-        } else {
-            false
+        match parse_usage_at(cap, 0) {
+            Some(u) => {
+                self.record(u);
+                true
+            }
+            None => false,
         }
     }
 
     fn take(&mut self, bytes: &[u8], at: usize) {
-        let Some(u) = parse_usage_at(bytes, at) else {
-            return;
-        };
+        if let Some(u) = parse_usage_at(bytes, at) {
+            self.record(u);
+        }
+    }
+
+    fn record(&mut self, u: UsageFields) {
         let prev = self.usage.take().unwrap_or_default();
         let cached = u
             .prompt_tokens_details

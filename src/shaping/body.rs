@@ -150,7 +150,8 @@ impl<'a> TopLevel<'a> {
         let mut out = Sliced {
             body,
             parts: Vec::with_capacity(4),
-            text: Vec::new(),
+            // A small body is copied whole (its runs are short); room for it and the edits.
+            text: Vec::with_capacity(self.body.len().min(4 * SLICE_AT_LEAST) + 128),
         };
         self.splice(edits, &mut out);
         out.flush();
