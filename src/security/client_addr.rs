@@ -63,91 +63,70 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 /// `Forwarded` (RFC 7239, read from trusted proxies, sent upstream).
 pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// A header value assembled on the stack: this runs for every request, so addresses are
-/// written without `fmt` and each value costs one allocation.
-struct ValueBuf {
-    bytes: [u8; 160],
+/// An address as text, written without `fmt` for IPv4 (this runs for every request).
+struct IpText {
+    buf: [u8; 45],
     len: usize,
-    /// Where the value moves when it outgrows the stack (a long trusted chain).
-    spilled: Option<Vec<u8>>,
 }
 
-impl ValueBuf {
-    fn new() -> Self {
-        Self {
-            bytes: [0; 160],
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        let mut t = Self {
+            buf: [0; 45],
             len: 0,
-            spilled: None,
-        }
-    }
-
-    fn push(&mut self, s: &[u8]) -> &mut Self {
-        if let Some(v) = self.spilled.as_mut() {
-            v.extend_from_slice(s);
-        } else if let Some(dst) = self.bytes.get_mut(self.len..self.len + s.len()) {
-            dst.copy_from_slice(s);
-            self.len += s.len();
-        } else {
-            let mut v = Vec::with_capacity((self.len + s.len()) * 2);
-            v.extend_from_slice(self.bytes.get(..self.len).unwrap_or_default());
-            v.extend_from_slice(s);
-            self.spilled = Some(v);
-        }
-        self
-    }
-
-    fn push_ip(&mut self, ip: IpAddr) -> &mut Self {
+        };
         match ip {
             IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().into_iter().enumerate() {
+                for (i, o) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
-                        self.push(b".");
+                        t.push(b'.');
                     }
-                    let digits = [
-                        b'0' + octet / 100,
-                        b'0' + octet / 10 % 10,
-                        b'0' + octet % 10,
-                    ];
-                    let skip = if octet >= 100 {
-                        0
-                    } else if octet >= 10 {
-                        1
-                    } else {
-                        2
-                    };
-                    self.push(&digits[skip..]);
+                    if o >= 100 {
+                        t.push(b'0' + o / 100);
+                    }
+                    if o >= 10 {
+                        t.push(b'0' + o / 10 % 10);
+                    }
+                    t.push(b'0' + o % 10);
                 }
-                self
             }
             IpAddr::V6(v6) => {
-                use std::fmt::Write;
-                let mut text = String::with_capacity(40);
-                // Writing to a String cannot fail.
-                let _ = write!(text, "{v6}");
-                self.push(text.as_bytes())
+                use std::io::Write;
+                // 45 bytes hold the longest IPv6 text.
+                let mut w = &mut t.buf[..];
+                let _ = write!(w, "{v6}");
+                t.len = 45 - w.len();
             }
+        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
         }
     }
 
-    fn value(&self) -> HeaderValue {
-        let text = match &self.spilled {
-            Some(v) => v.as_slice(),
-            None => self.bytes.get(..self.len).unwrap_or_default(),
-        };
-        // Addresses and the fixed words are always valid header bytes, and so are the values
-        // of a trusted proxy's headers joined with them.
-        HeaderValue::from_bytes(text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
     }
 }
 
-/// Appends every value of `name` in `headers`, comma-separated, to `out`. False when absent.
-fn push_joined(out: &mut ValueBuf, headers: &http::HeaderMap, name: &HeaderName) -> bool {
+/// A header value from bytes assembled for it, without copying them again.
+fn value(bytes: Vec<u8>) -> HeaderValue {
+    // Addresses and the fixed words are always valid header bytes, and so are the values
+    // of a trusted proxy's headers joined with them.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Appends every value of `name` in `headers` and `", "` to `out`. False when absent.
+fn push_joined(out: &mut Vec<u8>, headers: &http::HeaderMap, name: &HeaderName) -> bool {
     let mut any = false;
     for v in headers.get_all(name) {
-        if any {
-            out.push(b", ");
-        }
-        out.push(v.as_bytes());
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b", ");
         any = true;
     }
     any
@@ -164,32 +143,46 @@ pub fn upstream_headers(
     let peer = canonical(peer);
     let from_trusted = trusted(peer, nets);
     let proto: &[u8] = if tls { b"https" } else { b"http" };
+    let ip = IpText::new(peer);
+    let ip = ip.as_bytes();
 
-    let mut xff = ValueBuf::new();
-    if from_trusted && push_joined(&mut xff, headers, &X_FORWARDED_FOR) {
-        xff.push(b", ");
+    let mut xff = Vec::with_capacity(ip.len());
+    if from_trusted {
+        push_joined(&mut xff, headers, &X_FORWARDED_FOR);
     }
-    xff.push_ip(peer);
+    xff.extend_from_slice(ip);
 
-    let mut forwarded = ValueBuf::new();
-    if from_trusted && push_joined(&mut forwarded, headers, &FORWARDED) {
-        forwarded.push(b", ");
+    let mut forwarded = Vec::with_capacity(ip.len() + 24);
+    if from_trusted {
+        push_joined(&mut forwarded, headers, &FORWARDED);
     }
     match peer {
-        IpAddr::V6(_) => forwarded.push(b"for=\"[").push_ip(peer).push(b"]\";proto="),
-        IpAddr::V4(_) => forwarded.push(b"for=").push_ip(peer).push(b";proto="),
-    };
-    forwarded.push(proto);
+        IpAddr::V6(_) => {
+            forwarded.extend_from_slice(b"for=\"[");
+            forwarded.extend_from_slice(ip);
+            forwarded.extend_from_slice(b"]\";proto=");
+        }
+        IpAddr::V4(_) => {
+            forwarded.extend_from_slice(b"for=");
+            forwarded.extend_from_slice(ip);
+            forwarded.extend_from_slice(b";proto=");
+        }
+    }
+    forwarded.extend_from_slice(proto);
 
-    let real_ip = ValueBuf::new().push_ip(client).value();
+    let real_ip = if client == peer {
+        value(ip.to_vec())
+    } else {
+        value(IpText::new(client).as_bytes().to_vec())
+    };
     [
-        (X_FORWARDED_FOR, xff.value()),
+        (X_FORWARDED_FOR, value(xff)),
         (X_REAL_IP, real_ip),
         (
             X_FORWARDED_PROTO,
             HeaderValue::from_static(if tls { "https" } else { "http" }),
         ),
-        (FORWARDED, forwarded.value()),
+        (FORWARDED, value(forwarded)),
     ]
 }
 
@@ -236,19 +229,30 @@ mod tests {
             "255.255.255.255",
             "192.0.2.1",
             "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            "1:2:3:4:5:6:7:8",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            let mut b = ValueBuf::new();
-            b.push_ip(ip);
-            assert_eq!(b.value(), ip.to_string().as_str());
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
         }
-        // A value longer than the stack buffer moves to the heap, whole.
-        let mut b = ValueBuf::new();
-        b.push(&[b'a'; 150])
-            .push(b", ")
-            .push_ip("10.0.0.1".parse().unwrap());
-        assert_eq!(b.value().len(), 160);
-        assert!(b.value().to_str().unwrap().ends_with("a, 10.0.0.1"));
+    }
+
+    #[test]
+    fn a_trusted_proxys_headers_are_extended() {
+        let nets = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut hdr = h("198.51.100.7");
+        hdr.append("x-forwarded-for", "192.0.2.1".parse().unwrap());
+        hdr.insert("forwarded", "for=198.51.100.7".parse().unwrap());
+        let client = real_client(peer, &hdr, &nets);
+        let out = upstream_headers(peer, client, &hdr, &nets, false);
+        assert_eq!(out[0].1, "198.51.100.7, 192.0.2.1, 10.0.0.2");
+        assert_eq!(out[1].1, "192.0.2.1");
+        assert_eq!(out[3].1, "for=198.51.100.7, for=10.0.0.2;proto=http");
+        // A long chain is kept whole.
+        let long = vec!["203.0.113.1"; 40].join(", ");
+        let out = upstream_headers(peer, client, &h(&long), &nets, false);
+        assert_eq!(out[0].1.to_str().unwrap(), format!("{long}, 10.0.0.2"));
     }
 
     #[test]
