@@ -186,7 +186,9 @@ pub async fn handle(
     let timestamp = unix_now();
     // Usage is always observed (a byte scan; the token metrics, the access log, the ledger and
     // tokens-per-minute limits use it); the full accumulation only for traced calls.
-    let mut obs = Observer::new(flavor_of(api), ctx.started, traced, true);
+    // Boxed, like the other per-call state below: this future lives as long as the stream,
+    // and its size class is what each open stream costs (S5).
+    let mut obs = Box::new(Observer::new(flavor_of(api), ctx.started, traced, true));
     let result = route_and_forward(
         session,
         connector,
@@ -196,7 +198,7 @@ pub async fn handle(
         path_and_query,
         meta,
         ctx,
-        Some(&mut obs),
+        Some(&mut *obs),
     )
     .await;
     if traced && ctx.upstream.is_some() {
@@ -315,7 +317,7 @@ async fn route_and_forward(
     let shaped = shape_body(body, &top, m, &upstream.cfg, meta, inject);
     drop(top);
     ctx.injected = shaped.injected.clone();
-    let client = session.req_header().clone();
+    let client = Box::new(session.req_header().clone());
     // The usage chunk llm-edge asked for is withheld from a client that did not ask for it;
     // with strip_injected_fields everything else injected is removed too.
     let strip = if m.strip_injected_fields {

@@ -97,7 +97,7 @@ pub async fn forward(
     let mut tried_replicas: Vec<SocketAddr> = Vec::with_capacity(2);
     let mut tried_keys: Vec<usize> = Vec::new();
     let mut soft_keys: Vec<usize> = Vec::new();
-    let mut held: Option<Held> = None;
+    let mut held: Option<Box<Held>> = None;
     let mut last_err = if up.replica_count() == 0 && up.egress_refused() > 0 {
         EdgeError::EgressRefused(format!(
             "every address upstream {:?} resolved to is refused by the egress policy",
@@ -336,7 +336,11 @@ async fn backoff(attempt: usize) {
 
 /// Reads a whole small response (for the retry decision). `None` when it is too large or
 /// streamed, in which case it must be relayed as it comes.
-async fn read_decision_body(us: &mut HttpSession, t: &crate::config::Timeouts) -> Option<Held> {
+/// Boxed: a held response waits across retries inside the call's future (S5 memory).
+async fn read_decision_body(
+    us: &mut HttpSession,
+    t: &crate::config::Timeouts,
+) -> Option<Box<Held>> {
     let header = us.response_header()?.clone();
     let is_sse = is_event_stream(&header);
     let declared = header
@@ -355,27 +359,27 @@ async fn read_decision_body(us: &mut HttpSession, t: &crate::config::Timeouts) -
                 body.extend_from_slice(&c);
                 if body.len() > DECISION_BODY_CAP {
                     // Too large to hold: cannot be replayed, so no retry either.
-                    return Some(Held {
+                    return Some(Box::new(Held {
                         header,
                         body: Bytes::from(body),
-                    });
+                    }));
                 }
             }
             Ok(None) => break,
             Err(_) => break,
         }
     }
-    Some(Held {
+    Some(Box::new(Held {
         header,
         body: Bytes::from(body),
-    })
+    }))
 }
 
 /// Sends a held upstream response to the client unchanged (status, headers, body).
 async fn pass_through(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    h: Held,
+    h: Box<Held>,
 ) -> Result<(), EdgeError> {
     ctx.status = h.header.status.as_u16();
     let mut down = headers::downstream_response(&h.header, &ctx.response_headers)
@@ -614,7 +618,9 @@ async fn send(
         }
         Ok(s) => s,
     };
-    let mut us = write_request(us, replica, req, t.idle).await?;
+    // Boxed: writing is brief, but its state is the largest of the whole call, which would
+    // otherwise keep every open stream's future that large (S5 peak memory).
+    let mut us = Box::pin(write_request(us, replica, req, t.idle)).await?;
     let first_byte = t
         .first_byte
         .min(deadline.saturating_duration_since(Instant::now()));
@@ -789,7 +795,8 @@ async fn stream_body(
                                 HttpTask::Header(Box::new(h), false),
                                 HttpTask::Body(Some(out), false),
                             ];
-                            let r = session.write_response_tasks(tasks).await;
+                            // Once per stream; boxed, as its future is the largest here.
+                            let r = Box::pin(session.write_response_tasks(tasks)).await;
                             relay.header_sent = true;
                             r.map(|_| ())
                         }
