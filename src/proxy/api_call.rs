@@ -390,11 +390,11 @@ mod tests {
         let (m, u) = setup("{name: q, upstream: v}");
         let same = shape_body(&b, &top, &m, &u, &no_meta(), true);
         assert_eq!(
-            same.body.parts()[0].as_ptr(),
+            same.body.to_bytes().as_ptr(),
             b.as_ptr(),
             "unchanged body is not copied"
         );
-        assert_eq!(same.body.parts().len(), 1);
+        assert_eq!(same.body.count(), 1);
         let (m, u) = setup("{name: q, upstream: v, model: Qwen/Q}");
         assert_eq!(
             shape_body(&b, &top, &m, &u, &no_meta(), true)

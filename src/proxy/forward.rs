@@ -531,13 +531,25 @@ async fn write_request(
             )
             .map_err(build_failed)?;
             let mut stream = h1.into_inner();
-            let mut bufs = Vec::with_capacity(1 + out.body.parts().len());
-            bufs.push(std::io::IoSlice::new(&head));
-            bufs.extend(out.body.parts().iter().map(|p| std::io::IoSlice::new(p)));
+            // Head and body pieces in one vectored write; on the stack for up to 3 pieces.
+            let empty = std::io::IoSlice::new(&[]);
+            let mut small = [empty; 4];
+            let mut many = Vec::new();
+            let bufs: &mut [std::io::IoSlice<'_>] = if out.body.count() < small.len() {
+                let pieces = std::iter::once(&head[..]).chain(out.body.parts().map(|p| &p[..]));
+                for (slot, p) in small.iter_mut().zip(pieces) {
+                    *slot = std::io::IoSlice::new(p);
+                }
+                &mut small[..1 + out.body.count()]
+            } else {
+                many.push(std::io::IoSlice::new(&head));
+                many.extend(out.body.parts().map(|p| std::io::IoSlice::new(p)));
+                &mut many[..]
+            };
             // Pingora's timer wheel: arming a tokio timer costs a wake-up syscall per request.
             match pingora::time::fast_timeout::fast_timeout(
                 idle,
-                write_all_vectored(&mut stream, &mut bufs[..]),
+                write_all_vectored(&mut stream, bufs),
             )
             .await
             {

@@ -149,13 +149,17 @@ impl<'a> TopLevel<'a> {
         debug_assert_eq!(body.as_ref(), self.body);
         let mut out = Sliced {
             body,
-            parts: Vec::with_capacity(4),
+            parts: Vec::new(),
             // A small body is copied whole (its runs are short); room for it and the edits.
-            text: Vec::with_capacity(self.body.len().min(4 * SLICE_AT_LEAST) + 128),
+            text: Vec::with_capacity(self.body.len().min(SLICE_AT_LEAST) + 128),
         };
         self.splice(edits, &mut out);
+        if out.parts.is_empty() {
+            // No long run: the body was copied whole, as `apply` does.
+            return Pieces::whole(Bytes::from(out.text));
+        }
         out.flush();
-        Pieces(out.parts)
+        Pieces::from_parts(out.parts)
     }
 
     fn splice(&self, edits: &[Edit<'_>], out: &mut impl Splice) {
@@ -225,38 +229,61 @@ impl<'a> TopLevel<'a> {
     }
 }
 
-/// A body as the pieces it is sent in (see [`TopLevel::apply_pieces`]).
+/// A body as the pieces it is sent in (see [`TopLevel::apply_pieces`]). The first piece is
+/// kept apart so a body in one piece (the common case for small bodies) needs no list.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Pieces(Vec<Bytes>);
+pub struct Pieces {
+    first: Bytes,
+    rest: Vec<Bytes>,
+}
 
 impl Pieces {
     /// The body as one piece.
     pub fn whole(body: Bytes) -> Self {
-        Self(vec![body])
+        Self {
+            first: body,
+            rest: Vec::new(),
+        }
+    }
+
+    fn from_parts(mut parts: Vec<Bytes>) -> Self {
+        if parts.len() <= 1 {
+            return Self::whole(parts.pop().unwrap_or_default());
+        }
+        let first = parts.remove(0);
+        Self { first, rest: parts }
     }
 
     /// Total length in bytes.
     pub fn len(&self) -> usize {
-        self.0.iter().map(Bytes::len).sum()
+        self.parts().map(Bytes::len).sum()
     }
 
     /// Whether the body is empty.
     pub fn is_empty(&self) -> bool {
-        self.0.iter().all(Bytes::is_empty)
+        self.parts().all(Bytes::is_empty)
     }
 
     /// The pieces, in order.
-    pub fn parts(&self) -> &[Bytes] {
-        &self.0
+    pub fn parts(&self) -> impl Iterator<Item = &Bytes> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+
+    /// How many pieces.
+    pub fn count(&self) -> usize {
+        1 + self.rest.len()
     }
 
     /// The body in one buffer (copied only when it is in several pieces).
     pub fn to_bytes(&self) -> Bytes {
-        match self.0.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            parts => Bytes::from(parts.concat()),
+        if self.rest.is_empty() {
+            return self.first.clone();
         }
+        let mut all = Vec::with_capacity(self.len());
+        for p in self.parts() {
+            all.extend_from_slice(p);
+        }
+        Bytes::from(all)
     }
 }
 
@@ -295,13 +322,17 @@ struct Sliced<'b> {
     text: Vec<u8>,
 }
 
-/// Original runs shorter than this are copied into the text piece rather than sliced.
-const SLICE_AT_LEAST: usize = 256;
+/// Original runs shorter than this are copied into the text piece rather than sliced: below a
+/// few KiB a copy costs less than another piece (criterion `body_edit/rename_and_inject*`).
+const SLICE_AT_LEAST: usize = 4 << 10;
 
 impl Sliced<'_> {
     fn flush(&mut self) {
         if !self.text.is_empty() {
-            self.parts.push(Bytes::from(std::mem::take(&mut self.text)));
+            // What follows a slice is short: separators, edits, the closing brace.
+            let next = Vec::with_capacity(128);
+            self.parts
+                .push(Bytes::from(std::mem::replace(&mut self.text, next)));
         }
     }
 }
@@ -430,7 +461,7 @@ mod tests {
     /// for long untouched runs.
     #[test]
     fn pieces_match_the_copied_body() {
-        let long = "x".repeat(1000);
+        let long = "x".repeat(SLICE_AT_LEAST + 100);
         let bodies = [
             format!(r#"{{"model":"q","messages":[{{"content":"{long}"}}],"n":1}}"#),
             format!(r#"{{ "messages":"{long}" ,  "model" : "q"   }}"#),
@@ -459,8 +490,8 @@ mod tests {
                 let copied = top.apply(edits);
                 assert_eq!(pieces.to_bytes(), copied, "{body} {edits:?}");
                 assert_eq!(pieces.len(), copied.len());
-                assert!(pieces.parts().len() <= 3, "{:?}", pieces.parts());
-                for p in pieces.parts().iter().filter(|p| p.len() >= SLICE_AT_LEAST) {
+                assert!(pieces.count() <= 3, "{pieces:?}");
+                for p in pieces.parts().filter(|p| p.len() >= SLICE_AT_LEAST) {
                     let inside = bytes.as_ptr_range();
                     assert!(inside.contains(&p.as_ptr()), "a long run was copied");
                 }
