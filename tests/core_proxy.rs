@@ -819,6 +819,36 @@ async fn stream_still_flowing_at_the_total_timeout_ends_with_an_error_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_with_gaps_under_the_idle_timeout_outlives_it_many_times() {
+    // Gaps of 120 ms under an idle timeout of 300 ms, for 1.8 s: the stream's one idle timer
+    // fires several times while data still flows, and each time it must wait on, not cut.
+    let chunks: Vec<_> = (0..15)
+        .map(|i| {
+            let gap = if i == 0 { ms(0) } else { ms(120) };
+            (gap, Bytes::from(format!("data: {{\"n\":{i}}}\n\n")))
+        })
+        .chain(std::iter::once((
+            ms(120),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        )))
+        .collect();
+    let mock = Mock::replying(Reply::sse(chunks));
+    let cfg = vllm_config(&mock.url()).replace("idle: 10s", "idle: 300ms");
+    let proxy = Proxy::start(&cfg);
+
+    let resp = post(&proxy, CHAT, r#"{"model":"m1","stream":true}"#).await;
+    assert_eq!(resp.status(), 200);
+    let text = within(Duration::from_secs(10), "stream", resp.text())
+        .await
+        .expect("the stream ends cleanly");
+    let expected: String = (0..15)
+        .map(|i| format!("data: {{\"n\":{i}}}\n\n"))
+        .chain(std::iter::once("data: [DONE]\n\n".to_string()))
+        .collect();
+    assert_eq!(text, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_silent_past_the_idle_timeout_ends_with_an_error_event() {
     let chunks = vec![
         (ms(0), Bytes::from_static(b"data: {\"n\":1}\n\n")),
