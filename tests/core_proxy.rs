@@ -8,6 +8,7 @@ use common::harness::{free_port, Proxy};
 use common::mock::{Mock, Reply, StreamEnd, StreamLog};
 use common::{assert_error, assert_error_shape, client, post, within};
 use futures::StreamExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -282,6 +283,48 @@ async fn sequential_requests_reuse_upstream_connections() {
         "100 sequential requests opened {} upstream connections",
         mock.accepted()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    // An upstream that answers one request per connection with keep-alive, then closes the
+    // connection 100 ms later, as servers with a short keep-alive timeout do. With one replica
+    // there is nowhere to retry: a request sent on the closed connection would fail.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: 11\r\n\r\n{\"ok\":true}";
+                let _ = conn.write_all(reply.as_bytes());
+                std::thread::sleep(Duration::from_millis(100));
+            });
+        }
+    });
+    let cfg = vllm_config(&url).replace("timeouts:", "retries: {max_attempts: 1}\n    timeouts:");
+    let proxy = Proxy::start(&cfg);
+
+    for i in 0..3 {
+        let resp = post(&proxy, CHAT, "{\"model\":\"m1\"}").await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.text().await.unwrap(), "{\"ok\":true}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

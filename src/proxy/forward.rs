@@ -232,13 +232,23 @@ pub async fn forward(
                 ctx.upstream_time = Some(attempt_started.elapsed());
                 if r.is_ok() {
                     connector
-                        .release(us, &replica.peer, replica.peer.options.idle_timeout)
+                        .release(
+                            us,
+                            &replica.peer,
+                            replica.pool_key,
+                            replica.peer.options.idle_timeout,
+                        )
                         .await;
                 }
                 return r;
             };
             connector
-                .release(us, &replica.peer, replica.peer.options.idle_timeout)
+                .release(
+                    us,
+                    &replica.peer,
+                    replica.pool_key,
+                    replica.peer.options.idle_timeout,
+                )
                 .await;
             if let Some(l) = &lease {
                 if status == 429 {
@@ -310,7 +320,12 @@ pub async fn forward(
         // it, which closes it (the upstream sees the abort).
         if r.is_ok() {
             connector
-                .release(us, &replica.peer, replica.peer.options.idle_timeout)
+                .release(
+                    us,
+                    &replica.peer,
+                    replica.pool_key,
+                    replica.peer.options.idle_timeout,
+                )
                 .await;
         }
         return r;
@@ -612,7 +627,12 @@ async fn send(
     // always would mean a tokio timer per request: the total (1 h by default) is above
     // Pingora's fast-timer threshold, and each tokio timer costs a wake-up syscall.
     let got = if left < t.connect {
-        match pingora::time::fast_timeout::fast_timeout(left, connector.get(&replica.peer)).await {
+        match pingora::time::fast_timeout::fast_timeout(
+            left,
+            connector.get(&replica.peer, replica.pool_key),
+        )
+        .await
+        {
             Ok(got) => got,
             Err(_) => {
                 return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
@@ -621,7 +641,7 @@ async fn send(
             }
         }
     } else {
-        connector.get(&replica.peer).await
+        connector.get(&replica.peer, replica.pool_key).await
     };
     let (us, reused) = match got {
         Err(e) => {

@@ -5,6 +5,7 @@ pub mod discovery;
 pub mod dns;
 pub mod egress;
 pub mod health;
+pub mod idle_pool;
 pub mod keys;
 pub mod replica;
 

@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct Replica {
     /// The peer handed to Pingora's connector.
     pub peer: HttpPeer,
+    /// The peer's idle-connection pool key (`reuse_hash`, computed once).
+    pub pool_key: u64,
     /// Endpoint this replica came from.
     pub endpoint: Arc<Endpoint>,
     /// `ip:port`, for logs.
@@ -43,8 +45,10 @@ impl Replica {
         if endpoint.tls {
             o.alpn = ALPN::H2H1;
         }
+        let pool_key = pingora::upstreams::peer::Peer::reuse_hash(&peer);
         Self {
             peer,
+            pool_key,
             label: addr.to_string(),
             endpoint,
             down_until_ms: AtomicU64::new(0),
