@@ -5,6 +5,7 @@
 use crate::config::edge::{Listener, TlsFiles};
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::services::listening::Service;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
@@ -67,7 +68,12 @@ fn read(files: &TlsFiles) -> Result<CertifiedKey, String> {
 pub fn add<A>(svc: &mut Service<A>, l: &Listener, cert: Option<Arc<ReloadableCert>>) {
     let addr = l.addr.to_string();
     match cert {
-        None => svc.add_tcp(&addr),
+        // No L4 read buffer on plain TCP: Pingora reads request heads and bodies into buffers
+        // of their own, so its default 64 KiB buffer per connection only added a copy of
+        // every byte read (S2) and memory to every open connection (S5). TLS keeps it: TLS
+        // records are read in small pieces.
+        None => svc
+            .add_listener(ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::default().read(0))),
         Some(cert) => {
             let Ok(mut settings) = TlsSettings::intermediate("", "") else {
                 tracing::error!("listener {addr}: TLS settings could not be created");
