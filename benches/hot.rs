@@ -358,6 +358,38 @@ fn bench_request_headers(c: &mut Criterion) {
     g.finish();
 }
 
+/// One connection reuse as the API forwarder does it: take the idle connection (checking it is
+/// still quiet) and put it back after the call.
+fn bench_idle_pool(c: &mut Criterion) {
+    use llm_edge::upstream::idle_pool::IdlePool;
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let _in_rt = rt.enter();
+    let pair = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
+        let addr = l.local_addr().ok()?;
+        let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        Some((ours.ok()?, theirs.ok()?.0))
+    });
+    let Some((ours, _theirs)) = pair else {
+        return;
+    };
+    let pool = IdlePool::new();
+    let ours: pingora::protocols::l4::stream::Stream = ours.into();
+    pool.put(1, Box::new(ours), Some(std::time::Duration::from_secs(60)));
+    c.bench_function("idle_pool/take_and_put_back", |b| {
+        b.iter(|| {
+            if let Some(s) = pool.take(black_box(1)) {
+                pool.put(1, s, Some(std::time::Duration::from_secs(60)));
+            }
+        })
+    });
+}
+
 criterion_group!(
     benches,
     bench_paths,
@@ -365,6 +397,7 @@ criterion_group!(
     bench_key_selection,
     bench_sse_accumulation,
     bench_usage_scan,
-    bench_request_headers
+    bench_request_headers,
+    bench_idle_pool
 );
 criterion_main!(benches);
