@@ -879,30 +879,24 @@ async fn stream_body(
             }
             Step::ClientGone => return Err(EdgeError::ClientClosed),
             Step::ClientQuiet => watch_client = false,
-            Step::UpstreamFailed(e) => {
-                let err = if matches!(e.etype(), ErrorType::ReadTimedout) {
-                    idle_error(replica, t)
-                } else {
-                    EdgeError::UpstreamStreamBroken(format!(
-                        "replica {}: {}",
-                        replica.label,
-                        e.etype().as_str()
-                    ))
+            Step::UpstreamFailed(_) | Step::Idle | Step::Deadline => {
+                let err = match step {
+                    Step::UpstreamFailed(e) if !matches!(e.etype(), ErrorType::ReadTimedout) => {
+                        EdgeError::UpstreamStreamBroken(format!(
+                            "replica {}: {}",
+                            replica.label,
+                            e.etype().as_str()
+                        ))
+                    }
+                    Step::Deadline => {
+                        EdgeError::UpstreamTimeout(format!("total time {:?} exceeded", t.total))
+                    }
+                    // The idle timer fired, or a read timed out.
+                    _ => EdgeError::UpstreamTimeout(format!(
+                        "no data from replica {} for {:?}",
+                        replica.label, t.idle
+                    )),
                 };
-                if relay.held_header.is_none() {
-                    end_broken_stream(session, relay.is_sse, tail, &err).await;
-                }
-                return Err(err);
-            }
-            Step::Idle => {
-                let err = idle_error(replica, t);
-                if relay.held_header.is_none() {
-                    end_broken_stream(session, relay.is_sse, tail, &err).await;
-                }
-                return Err(err);
-            }
-            Step::Deadline => {
-                let err = EdgeError::UpstreamTimeout(format!("total time {:?} exceeded", t.total));
                 if relay.held_header.is_none() {
                     end_broken_stream(session, relay.is_sse, tail, &err).await;
                 }
@@ -910,13 +904,6 @@ async fn stream_body(
             }
         }
     }
-}
-
-fn idle_error(replica: &Replica, t: &crate::config::Timeouts) -> EdgeError {
-    EdgeError::UpstreamTimeout(format!(
-        "no data from replica {} for {:?}",
-        replica.label, t.idle
-    ))
 }
 
 /// What a fired idle timer means for the wait that began at `since`.
