@@ -231,25 +231,11 @@ pub async fn forward(
                 let r = relay(session, &mut us, &replica, &out, ctx, obs, deadline, &t).await;
                 ctx.upstream_time = Some(attempt_started.elapsed());
                 if r.is_ok() {
-                    connector
-                        .release(
-                            us,
-                            &replica.peer,
-                            replica.pool_key,
-                            replica.peer.options.idle_timeout,
-                        )
-                        .await;
+                    connector.release(us, &replica).await;
                 }
                 return r;
             };
-            connector
-                .release(
-                    us,
-                    &replica.peer,
-                    replica.pool_key,
-                    replica.peer.options.idle_timeout,
-                )
-                .await;
+            connector.release(us, &replica).await;
             if let Some(l) = &lease {
                 if status == 429 {
                     let hint = crate::upstream::cooldown::hint(
@@ -319,14 +305,7 @@ pub async fn forward(
         // Read to its end: the connection goes back to the pool. Any other outcome drops
         // it, which closes it (the upstream sees the abort).
         if r.is_ok() {
-            connector
-                .release(
-                    us,
-                    &replica.peer,
-                    replica.pool_key,
-                    replica.peer.options.idle_timeout,
-                )
-                .await;
+            connector.release(us, &replica).await;
         }
         return r;
     }
@@ -627,12 +606,7 @@ async fn send(
     // always would mean a tokio timer per request: the total (1 h by default) is above
     // Pingora's fast-timer threshold, and each tokio timer costs a wake-up syscall.
     let got = if left < t.connect {
-        match pingora::time::fast_timeout::fast_timeout(
-            left,
-            connector.get(&replica.peer, replica.pool_key),
-        )
-        .await
-        {
+        match pingora::time::fast_timeout::fast_timeout(left, connector.get(replica)).await {
             Ok(got) => got,
             Err(_) => {
                 return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
@@ -641,7 +615,7 @@ async fn send(
             }
         }
     } else {
-        connector.get(&replica.peer, replica.pool_key).await
+        connector.get(replica).await
     };
     let (us, reused) = match got {
         Err(e) => {

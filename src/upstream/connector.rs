@@ -5,13 +5,13 @@
 //! connector, which negotiates h2 and pools those connections itself.
 
 use super::idle_pool::IdlePool;
+use super::replica::Replica;
 use futures::FutureExt;
 use pingora::connectors::http::Connector as AnyConnector;
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::HttpSession as H1Session;
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use std::time::Duration;
 
 /// The API-call forwarder's connection pools.
 pub struct UpstreamConnector {
@@ -41,11 +41,11 @@ impl UpstreamConnector {
         }
     }
 
-    /// A session to `peer` (pool key `key`, its `reuse_hash`), pooled when one is idle; the
-    /// flag says whether it was reused.
-    pub async fn get(&self, peer: &HttpPeer, key: u64) -> pingora::Result<(HttpSession, bool)> {
+    /// A session to `replica`, pooled when one is idle; the flag says whether it was reused.
+    pub async fn get(&self, replica: &Replica) -> pingora::Result<(HttpSession, bool)> {
+        let peer = &replica.peer;
         if h1_only(peer) {
-            if let Some(s) = self.idle.take(key) {
+            if let Some(s) = self.idle.take(replica.pool_key) {
                 return Ok((HttpSession::H1(H1Session::new_with_options(s, peer)), true));
             }
             let s = Box::pin(self.transport.new_stream(peer)).await?;
@@ -56,24 +56,21 @@ impl UpstreamConnector {
 
     /// Returns a finished session to the pool it came from, or closes it when the response
     /// does not allow reuse.
-    pub async fn release(
-        &self,
-        session: HttpSession,
-        peer: &HttpPeer,
-        key: u64,
-        idle: Option<Duration>,
-    ) {
+    pub async fn release(&self, session: HttpSession, replica: &Replica) {
+        let peer = &replica.peer;
+        let idle = peer.options.idle_timeout;
         match session {
             HttpSession::H1(mut s) if h1_only(peer) => {
                 s.respect_keepalive();
                 // A reusable connection comes back at once; only a closing one would wait
                 // (for a graceful shutdown), and dropping it closes it just as well.
                 if let Some(Some(stream)) = s.reuse().now_or_never() {
-                    self.idle.put(key, stream, idle);
+                    self.idle.put(replica.pool_key, stream, idle);
                 }
             }
             other => {
-                // Boxed for the same reason: about 3 KB.
+                // Boxed: about 3 KB, which every future awaiting this one (up to each
+                // in-flight call's) would otherwise carry for the whole call.
                 Box::pin(self.any.release_http_session(other, peer, idle)).await;
             }
         }
