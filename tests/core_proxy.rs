@@ -157,6 +157,45 @@ async fn non_stream_chat_is_routed_by_model_and_relayed_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_around_the_client_write_buffer_size_arrive_whole_on_both_routes() {
+    // A reply head waits in the connection's write buffer for its body: these sizes fit in it
+    // with the head, fill it exactly, overflow it by a byte and need many of it.
+    for size in [
+        1,
+        1_000,
+        8_000,
+        (8 << 10) - 200,
+        8 << 10,
+        (8 << 10) + 1,
+        100_000,
+    ] {
+        let reply_body: String = (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        let mock = Mock::replying(Reply::json(200, reply_body.clone()));
+        let proxy = Proxy::start(&vllm_config(&mock.url()));
+        let c = client();
+        let sent = r#"{"model":"m1","messages":[]}"#;
+        for path in [CHAT.to_string(), format!("/raw{CHAT}")] {
+            let resp = c.post(proxy.url(&path)).body(sent).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{path}, {size} bytes");
+            let len = size.to_string();
+            assert_eq!(
+                header(&resp, "content-length"),
+                Some(len.as_str()),
+                "{path}, {size} bytes"
+            );
+            let got = resp.bytes().await.unwrap();
+            assert!(
+                got == reply_body.as_bytes(),
+                "{path}: {size} bytes sent, {} received intact: {}",
+                got.len(),
+                got == reply_body.as_bytes()
+            );
+        }
+        assert_eq!(mock.requests().len(), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_rename_changes_only_the_model_value() {
     let mock = Mock::replying(Reply::json(200, "{}"));
     let proxy = Proxy::start(&vllm_config(&mock.url()));
