@@ -247,6 +247,19 @@ fn accumulate(chunks: &[&[u8]]) -> usize {
     acc.choices().len()
 }
 
+/// `stream` cut after every event (`\n\n`).
+fn whole_events(stream: &[u8]) -> Vec<&[u8]> {
+    let mut events = Vec::new();
+    let mut start = 0;
+    for i in 1..stream.len() {
+        if stream[i - 1] == b'\n' && stream[i] == b'\n' {
+            events.push(&stream[start..=i]);
+            start = i + 1;
+        }
+    }
+    events
+}
+
 fn sse_stream(events: u64) -> Vec<u8> {
     let mut stream = Vec::new();
     for i in 0..events {
@@ -263,23 +276,31 @@ fn sse_stream(events: u64) -> Vec<u8> {
     stream
 }
 
-/// The always-on usage scan (every API call): SSE streams in network-sized chunks, and a JSON
-/// reply.
+/// The always-on usage scan (every API call): SSE streams in network-sized chunks (events cut
+/// anywhere), in whole events (one event per chunk, as a paced stream arrives; the whole
+/// stream in one chunk, as a burst is read), and a JSON reply.
 fn bench_usage_scan(c: &mut Criterion) {
     let mut g = c.benchmark_group("usage_scan");
     for events in [20u64, 1000] {
         let stream = sse_stream(events);
         let chunks: Vec<&[u8]> = stream.chunks(1024).collect();
+        let per_event = whole_events(&stream);
         g.throughput(Throughput::Bytes(stream.len() as u64));
-        g.bench_with_input(BenchmarkId::new("sse", events), &chunks, |b, chunks| {
-            b.iter(|| {
-                let mut sc = UsageScanner::new(true);
-                for ch in chunks {
-                    sc.feed(black_box(ch));
-                }
-                sc.finish().map(|t| t.completion)
-            })
-        });
+        for (name, chunks) in [
+            ("sse", chunks),
+            ("sse_event_per_chunk", per_event),
+            ("sse_one_chunk", vec![&stream[..]]),
+        ] {
+            g.bench_with_input(BenchmarkId::new(name, events), &chunks, |b, chunks| {
+                b.iter(|| {
+                    let mut sc = UsageScanner::new(true);
+                    for ch in chunks {
+                        sc.feed(black_box(ch));
+                    }
+                    sc.finish().map(|t| t.completion)
+                })
+            });
+        }
     }
     let reply = br#"{"id":"chatcmpl-1","object":"chat.completion","model":"q","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#;
     g.throughput(Throughput::Bytes(reply.len() as u64));
