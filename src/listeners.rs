@@ -64,7 +64,7 @@ fn read(files: &TlsFiles) -> Result<CertifiedKey, String> {
     Ok(CertifiedKey::new(chain, signing))
 }
 
-/// Bytes a plain TCP connection gathers before writing to the client. A `Content-Length`
+/// Bytes a client connection gathers before writing to it. A `Content-Length`
 /// response head waits here for its body, and the two leave in one write only if both fit:
 /// with Pingora's default of 1,460 bytes, a reply body over about 1.2 KiB (most non-stream
 /// completions) went out as a second write. 8 KiB holds a typical completion; the buffer is
@@ -93,7 +93,12 @@ pub fn add<A>(svc: &mut Service<A>, l: &Listener, cert: Option<Arc<ReloadableCer
             };
             settings.set_cert_resolver(cert);
             settings.enable_h2();
-            svc.add_tls_with_settings(&addr, None, settings);
+            // The write buffer sits under TLS: a reply's head and body records leave together.
+            svc.add_listener(
+                ListenerConfig::tcp(addr)
+                    .tls(settings)
+                    .l4_buffer(L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER)),
+            );
         }
     }
 }

@@ -189,6 +189,8 @@ upstreams:
     timeouts: {{connect: 1s, first_byte: 10s, idle: 10s, total: 30s}}
 models:
   - {{name: m, upstream: u}}
+routes:
+  - {{prefix: /raw/, upstream: u, strip_prefix: true}}
 "#
     )
 }
@@ -263,6 +265,46 @@ async fn https_listener_serves_http1_and_http2() {
     for r in &got {
         assert_eq!(r.uri, CHAT);
         assert_eq!(r.body_str(), CHAT_BODY);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_replies_around_the_write_buffer_size_arrive_whole() {
+    // Under TLS the connection's write buffer gathers encrypted records; replies that fit in
+    // it with their head, overflow it, and need many of it must all arrive intact.
+    let body_of =
+        |size: usize| -> String { (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect() };
+    let mock = Mock::start(move |r: &Recorded| {
+        let size: usize = r
+            .body_str()
+            .trim_start_matches("size=")
+            .parse()
+            .unwrap_or(0);
+        Reply::json(200, body_of(size))
+    });
+    let dir = TempDir::new("tls-sizes");
+    let proxy = TlsProxy::start(&dir, &config(&mock.url()));
+    for h1_only in [true, false] {
+        let client = proxy.https_client(h1_only);
+        for size in [1usize, 3_000, (8 << 10) - 300, (8 << 10) + 1, 70_000] {
+            let resp = within(
+                Duration::from_secs(10),
+                "a call",
+                client
+                    .post(proxy.https_url("/raw/v1/files"))
+                    .body(format!("size={size}"))
+                    .send(),
+            )
+            .await
+            .expect("call");
+            assert_eq!(resp.status(), 200, "h1 only: {h1_only}, {size} bytes");
+            let got = resp.bytes().await.unwrap();
+            assert!(
+                got == body_of(size).as_bytes(),
+                "h1 only: {h1_only}: {size} bytes sent, {} received",
+                got.len()
+            );
+        }
     }
 }
 
