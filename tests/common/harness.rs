@@ -17,13 +17,33 @@ use tokio::sync::watch;
 /// How long a proxy may take to accept connections after start.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A port that was free a moment ago (bound to `127.0.0.1:0`, then released). Also serves as a
+/// A port that was free a moment ago, for a listener the test starts later. Also serves as a
 /// "down replica": nothing listens there.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up by default), where
+/// `bind(0)` (mock upstreams, client sockets) never lands, and each is handed out once per
+/// process: a port probed with `bind(0)` and released could go to a test running in parallel
+/// before this one's proxy bound it (seen in CI: a TLS client reached another test's plain
+/// listener).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    const BASE: usize = 20_000;
+    const SPAN: usize = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // Test binaries of one `cargo test` run one after another; a per-process start keeps
+    // consecutive ones off the ports the previous one just closed.
+    let start = (std::process::id() as usize).wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(
+            n < SPAN,
+            "no free test port left in {BASE}..{}",
+            BASE + SPAN
+        );
+        let port = (BASE + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A per-test path under the system temp dir, unique within this process and across processes.
