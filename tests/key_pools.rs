@@ -835,9 +835,7 @@ async fn one_mib_request_retried_after_429_arrives_byte_identical() {
         _ => ok_reply(r),
     });
     let edge = Edge::start(&config(&mock.url(), &keys_yaml(&["a", "b"]), ""));
-    let filler: String = (0..(1 << 20))
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
+    let filler = common::letters(1 << 20);
     let sent = format!(
         "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{filler} \\u00e9 \u{2713}\"}}]}}"
     );

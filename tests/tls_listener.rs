@@ -272,15 +272,13 @@ async fn https_listener_serves_http1_and_http2() {
 async fn https_replies_around_the_write_buffer_size_arrive_whole() {
     // Under TLS the connection's write buffer gathers encrypted records; replies that fit in
     // it with their head, overflow it, and need many of it must all arrive intact.
-    let body_of =
-        |size: usize| -> String { (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect() };
     let mock = Mock::start(move |r: &Recorded| {
         let size: usize = r
             .body_str()
             .trim_start_matches("size=")
             .parse()
             .unwrap_or(0);
-        Reply::json(200, body_of(size))
+        Reply::json(200, common::letters(size))
     });
     let dir = TempDir::new("tls-sizes");
     let proxy = TlsProxy::start(&dir, &config(&mock.url()));
@@ -300,7 +298,7 @@ async fn https_replies_around_the_write_buffer_size_arrive_whole() {
             assert_eq!(resp.status(), 200, "h1 only: {h1_only}, {size} bytes");
             let got = resp.bytes().await.unwrap();
             assert!(
-                got == body_of(size).as_bytes(),
+                got == common::letters(size).as_bytes(),
                 "h1 only: {h1_only}: {size} bytes sent, {} received",
                 got.len()
             );

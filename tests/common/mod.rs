@@ -21,6 +21,11 @@ pub fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// `n` bytes of `abc…xyzabc…`: a body whose truncation or reordering shows in a comparison.
+pub fn letters(n: usize) -> String {
+    (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
+}
+
 /// Polls `cond` every 5 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
