@@ -53,11 +53,11 @@ impl SseSplitter {
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
         if self.buf.is_empty() {
             let mut rest = chunk;
-            while let Some((end, sep, one_line)) = find_boundary(rest) {
-                if let Some(ev) = parse_event(&rest[..end], one_line) {
+            while let Some((ev, len)) = next_event(rest) {
+                if let Some(ev) = ev {
                     on_event(ev);
                 }
-                rest = &rest[end + sep..];
+                rest = &rest[len..];
             }
             self.keep(rest);
             return;
@@ -75,8 +75,10 @@ impl SseSplitter {
         }
     }
 
-    /// Keeps the start of an event that the next chunk completes.
-    fn keep(&mut self, partial: &[u8]) {
+    /// Keeps the start of an event that the next chunk completes. For a caller that reads
+    /// whole events itself with [`next_event`] while nothing is pending, and hands over the
+    /// rest.
+    pub fn keep(&mut self, partial: &[u8]) {
         if partial.len() <= self.max_event {
             self.buf.extend_from_slice(partial);
         }
@@ -86,6 +88,14 @@ impl SseSplitter {
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
+}
+
+/// The first whole event of `b` (`None` inside for one without data) and its length with the
+/// blank line that ends it; `None` when `b` holds no whole event. Reads events in place, as
+/// [`SseSplitter::feed`] does while nothing is pending.
+pub fn next_event(b: &[u8]) -> Option<(Option<SseEvent<'_>>, usize)> {
+    let (end, sep, one_line) = find_boundary(b)?;
+    Some((parse_event(b.get(..end)?, one_line), end + sep))
 }
 
 /// Position of the first blank line (`\n\n`, `\r\n\r\n` or `\r\r`), its length, and whether

@@ -118,6 +118,7 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
         choices,
     } = output;
     out.push(b'{');
+    let top = out.len();
     write_reply(
         out,
         message,
@@ -125,12 +126,28 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
         output_token_ids,
         rollout_logprobs,
     );
+    let top = top..out.len();
     out.extend_from_slice(b",\"choices\":[");
     for (i, c) in choices.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_choice(out, c);
+        // The top-level reply is choice 0's: its text is copied rather than written again
+        // (comparing is cheaper than escaping the reply a second time).
+        if i == 0
+            && c.message == *message
+            && c.finish_reason == *finish_reason
+            && c.output_token_ids == *output_token_ids
+            && c.rollout_logprobs == *rollout_logprobs
+        {
+            out.extend_from_slice(b"{\"index\":");
+            uint(out, c.index);
+            out.push(b',');
+            out.extend_from_within(top.clone());
+            out.push(b'}');
+        } else {
+            write_choice(out, c);
+        }
     }
     out.extend_from_slice(b"]}");
 }
@@ -407,5 +424,23 @@ mod tests {
             ttft_ms: Some(f64::NAN),
             ..TraceRecord::default()
         });
+        // The top-level reply repeated as the first choice (as records are built): the
+        // first choice's text is a copy, whatever its index.
+        for first in [0, 3] {
+            let mut c = choice(first);
+            c.rollout_logprobs = Some(vec![-0.5, -1e-300]);
+            let mut other = c.clone();
+            other.index = 9;
+            same_as_serde(&TraceRecord {
+                output: TraceOutput {
+                    message: c.message.clone(),
+                    finish_reason: c.finish_reason.clone(),
+                    output_token_ids: c.output_token_ids.clone(),
+                    rollout_logprobs: c.rollout_logprobs.clone(),
+                    choices: vec![c, other],
+                },
+                ..TraceRecord::default()
+            });
+        }
     }
 }
