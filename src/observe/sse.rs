@@ -1,7 +1,7 @@
 //! Incremental SSE parsing: splits a byte stream into events across chunk boundaries and
 //! yields each event's joined `data:` payload. Only used on observed (traced) responses.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use std::borrow::Cow;
 
 /// One parsed event, borrowing from the bytes fed where it can.
@@ -51,28 +51,49 @@ impl SseSplitter {
     /// Feeds a chunk, calling `on_event` for every event it completes. Events that lie
     /// whole in `chunk` are read in place; only an event cut by a chunk boundary is copied.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
-        if self.buf.is_empty() {
-            let mut rest = chunk;
-            while let Some((ev, len)) = next_event(rest) {
-                if let Some(ev) = ev {
-                    on_event(ev);
-                }
-                rest = &rest[len..];
-            }
-            self.keep(rest);
+        let Some(mut rest) = self.complete(chunk, &mut on_event) else {
             return;
-        }
-        self.buf.extend_from_slice(chunk);
-        while let Some((end, sep, one_line)) = find_boundary(&self.buf) {
-            let raw = self.buf.split_to(end);
-            self.buf.advance(sep);
-            if let Some(ev) = parse_event(&raw, one_line) {
+        };
+        while let Some((ev, len)) = next_event(rest) {
+            if let Some(ev) = ev {
                 on_event(ev);
             }
+            rest = &rest[len..];
         }
-        if self.buf.len() > self.max_event {
-            self.buf.clear();
+        self.keep(rest);
+    }
+
+    /// Completes the pending event (if any) with the start of `chunk`, calling `on_event`
+    /// for it, and returns the rest of `chunk`, to be read in place (with [`next_event`],
+    /// then [`Self::keep`]). `None`: the chunk did not complete the pending event and is
+    /// kept with it. Only the pending event is read from a copy, so the events after it
+    /// are read as cheaply as those of a chunk that starts on an event.
+    pub fn complete<'c>(
+        &mut self,
+        chunk: &'c [u8],
+        mut on_event: impl FnMut(SseEvent<'_>),
+    ) -> Option<&'c [u8]> {
+        if self.buf.is_empty() {
+            return Some(chunk);
         }
+        let held = self.buf.len();
+        self.buf.extend_from_slice(chunk);
+        let Some((end, sep, one_line)) = find_boundary(&self.buf) else {
+            if self.buf.len() > self.max_event {
+                self.buf.clear();
+            }
+            return None;
+        };
+        if let Some(ev) = self
+            .buf
+            .get(..end)
+            .and_then(|raw| parse_event(raw, one_line))
+        {
+            on_event(ev);
+        }
+        self.buf.clear();
+        // The held bytes hold no blank line, so the event ends in `chunk`.
+        chunk.get((end + sep).saturating_sub(held)..)
     }
 
     /// Keeps the start of an event that the next chunk completes. For a caller that reads
@@ -204,6 +225,21 @@ mod tests {
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].0.as_deref(), Some("message_start"));
         assert_eq!(evs[0].1, "x\ny");
+    }
+
+    #[test]
+    fn a_stream_cut_anywhere_in_two_gives_the_same_events() {
+        let src: &[u8] =
+            b"data: {\"a\":1}\n\n: c\r\n\r\nevent: e\r\ndata: x\r\ndata: y\r\n\r\ndata: z\r\rdata: [DONE]\n\n";
+        let whole = all(&[src]);
+        assert_eq!(whole.len(), 4);
+        for cut in 0..=src.len() {
+            assert_eq!(all(&[&src[..cut], &src[cut..]]), whole, "cut at {cut}");
+            for second in cut..=src.len() {
+                let three = [&src[..cut], &src[cut..second], &src[second..]];
+                assert_eq!(all(&three), whole, "cut at {cut} and {second}");
+            }
+        }
     }
 
     #[test]

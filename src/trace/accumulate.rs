@@ -97,23 +97,28 @@ impl Accumulator {
 
     /// Feeds SSE bytes.
     pub fn feed_sse(&mut self, chunk: &[u8]) {
-        if self.splitter.pending() == 0 {
-            // Events are read in place, one at a time, so that a run of template chunks
-            // (most of a stream) is taken whole, without searching each event's end.
-            let mut rest = self.fill_events(chunk);
-            while let Some((ev, len)) = crate::observe::sse::next_event(rest) {
-                if let Some(e) = ev {
-                    self.on_event(&e);
-                }
-                rest = self.fill_events(rest.get(len..).unwrap_or_default());
+        let rest = if self.splitter.pending() == 0 {
+            chunk
+        } else {
+            // The splitter is moved out for the call so the event it completes is handled.
+            let mut splitter = std::mem::take(&mut self.splitter);
+            let rest = splitter.complete(chunk, |e| self.on_event(&e));
+            self.splitter = splitter;
+            let Some(rest) = rest else {
+                return;
+            };
+            rest
+        };
+        // Events are read in place, one at a time, so that a run of template chunks (most
+        // of a stream) is taken whole, without searching each event's end.
+        let mut rest = self.fill_events(rest);
+        while let Some((ev, len)) = crate::observe::sse::next_event(rest) {
+            if let Some(e) = ev {
+                self.on_event(&e);
             }
-            self.splitter.keep(rest);
-            return;
+            rest = self.fill_events(rest.get(len..).unwrap_or_default());
         }
-        // The splitter is moved out for the call so each event is handled as it completes.
-        let mut splitter = std::mem::take(&mut self.splitter);
-        splitter.feed(chunk, |e| self.on_event(&e));
-        self.splitter = splitter;
+        self.splitter.keep(rest);
     }
 
     /// Hot path of traced streams: the events at the start of `b` that are the stream's
@@ -1059,6 +1064,12 @@ mod tests {
         }
         assert_same(&whole, &bytes, "whole vs byte by byte");
         assert_same(&whole, &each, "whole vs event by event");
+        for cut in 0..=stream.len() {
+            let mut two = Accumulator::new(Flavor::Chat);
+            two.feed_sse(&stream[..cut]);
+            two.feed_sse(&stream[cut..]);
+            assert_same(&whole, &two, &format!("whole vs cut at {cut}"));
+        }
         assert_eq!(whole.events, 11);
         assert_eq!(
             whole.choices()[0].message["content"],
