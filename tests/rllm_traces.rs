@@ -1123,10 +1123,11 @@ async fn jsonl_sink_writes_one_parseable_line_per_call() {
             (
                 r.status,
                 r.stream,
-                r.output.message["content"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
+                r.output
+                    .message
+                    .as_ref()
+                    .and_then(|m| m.content.clone())
+                    .unwrap_or_default(),
             )
         })
         .collect();

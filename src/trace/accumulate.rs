@@ -3,9 +3,9 @@
 //! deltas merged by their index, token ids and logprobs concatenated, last non-null
 //! finish_reason kept; prompt token ids and usage picked up where the upstream reports them.
 
-use super::record::{ChoiceOutput, Tokens, ToolCall};
+use super::record::{ChoiceOutput, ReplyMessage, Tokens, ToolCall};
 use crate::observe::sse::{SseEvent, SseSplitter};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// Response flavour, from the API endpoint.
@@ -431,30 +431,15 @@ impl Accumulator {
         self.choices
             .iter()
             .map(|(index, c)| {
-                let mut message = Map::new();
-                message.insert(
-                    "role".into(),
-                    Value::from(c.role.clone().unwrap_or_else(|| "assistant".into())),
-                );
-                message.insert(
-                    "content".into(),
-                    if c.has_content || c.tool_calls.is_empty() {
-                        Value::from(c.text())
-                    } else {
-                        Value::Null
-                    },
-                );
-                if !c.reasoning.is_empty() {
-                    message.insert("reasoning".into(), Value::from(c.reasoning.clone()));
-                }
-                if !c.tool_calls.is_empty() {
-                    let calls: Vec<Value> =
-                        c.tool_calls.values().map(ToolCall::to_openai).collect();
-                    message.insert("tool_calls".into(), Value::Array(calls));
-                }
+                let message = ReplyMessage {
+                    content: (c.has_content || c.tool_calls.is_empty()).then(|| c.text()),
+                    reasoning: (!c.reasoning.is_empty()).then(|| c.reasoning.clone()),
+                    role: c.role.clone().unwrap_or_else(|| "assistant".into()),
+                    tool_calls: c.tool_calls.values().cloned().collect(),
+                };
                 ChoiceOutput {
                     index: *index,
-                    message: Value::Object(message),
+                    message,
                     finish_reason: c.finish_reason.clone(),
                     output_token_ids: c.token_ids.clone(),
                     rollout_logprobs: if c.logprobs.is_empty() {
@@ -848,6 +833,11 @@ mod tests {
         assert!(accepted > 1000, "only {accepted} edited chunks were read");
     }
 
+    /// A choice's message as it is written.
+    fn msg(c: &ChoiceOutput) -> Value {
+        serde_json::to_value(&c.message).unwrap()
+    }
+
     /// Feeds `chunks` as events: through the views (with the stream's head remembered) and,
     /// separately, through the full parse only.
     fn both_paths(chunks: &[&str]) -> (Accumulator, Accumulator) {
@@ -912,7 +902,7 @@ mod tests {
         let all: Vec<&str> = chunks.iter().map(String::as_str).collect();
         let (fast, general) = both_paths(&all);
         assert_same(&fast, &general, "stream");
-        assert_eq!(fast.choices()[0].message["content"], "acfgh");
+        assert_eq!(msg(&fast.choices()[0])["content"], "acfgh");
 
         // The head is read once: a chunk that repeats it reports only what follows it.
         let mut h = super::super::chunk::Head::default();
@@ -993,10 +983,10 @@ mod tests {
         // Raw tabs and control characters are invalid JSON: those chunks are dropped.
         // `a","x":"b` is the content `a` and a key `x`.
         assert_eq!(
-            fast.choices()[0].message["content"],
+            msg(&fast.choices()[0])["content"],
             "Hello, wörld\n \"q\" é😀abackxyendtail"
         );
-        assert_eq!(fast.choices()[1].message["content"], "other choice!");
+        assert_eq!(msg(&fast.choices()[1])["content"], "other choice!");
 
         // Completions: the varying string is `text`; a chat stream never reads `text`.
         let completion = |text: &str| {
@@ -1072,7 +1062,7 @@ mod tests {
         }
         assert_eq!(whole.events, 11);
         assert_eq!(
-            whole.choices()[0].message["content"],
+            msg(&whole.choices()[0])["content"],
             "Hi a é😀 \"q\" bx\u{fffd} crlf c end"
         );
         assert_eq!(whole.usage().map(|u| u.total), Some(14));
@@ -1138,16 +1128,16 @@ mod tests {
         assert_eq!((u.prompt, u.completion, u.total), (3, 5, 8));
         let ch = acc.choices();
         assert_eq!(ch.len(), 2);
-        assert_eq!(ch[0].message["content"], "Hello");
+        assert_eq!(msg(&ch[0])["content"], "Hello");
         assert_eq!(ch[0].output_token_ids, vec![10, 11]);
         assert_eq!(ch[0].rollout_logprobs, Some(vec![-0.1, -0.3]));
         assert_eq!(ch[0].finish_reason.as_deref(), Some("stop"));
-        assert_eq!(ch[1].message["content"], "Yo");
+        assert_eq!(msg(&ch[1])["content"], "Yo");
         assert_eq!(
-            ch[1].message["tool_calls"][0]["function"]["arguments"],
+            msg(&ch[1])["tool_calls"][0]["function"]["arguments"],
             "{\"a\":1}"
         );
-        assert_eq!(ch[1].message["tool_calls"][0]["id"], "call_1");
+        assert_eq!(msg(&ch[1])["tool_calls"][0]["id"], "call_1");
         assert_eq!(ch[1].output_token_ids, vec![20, 21, 22]);
         assert_eq!(ch[1].rollout_logprobs, Some(vec![-0.2, -0.4, -0.5]));
         assert_eq!(ch[1].finish_reason.as_deref(), Some("tool_calls"));
@@ -1163,7 +1153,7 @@ mod tests {
         acc.feed_sse(&body);
         assert_eq!(acc.prompt_token_ids(), Some(vec![7, 8]));
         let ch = acc.choices();
-        assert_eq!(ch[0].message["content"], "ab");
+        assert_eq!(msg(&ch[0])["content"], "ab");
         assert_eq!(ch[0].output_token_ids, vec![1, 2]);
         assert_eq!(ch[0].rollout_logprobs, Some(vec![-1.0, -2.0]));
     }
@@ -1177,7 +1167,7 @@ mod tests {
         acc.feed_json(v.to_string().as_bytes());
         acc.finish_json();
         let ch = acc.choices();
-        assert_eq!(ch[0].message["reasoning"], "think");
+        assert_eq!(msg(&ch[0])["reasoning"], "think");
         assert_eq!(ch[0].output_token_ids, vec![9, 9]);
         assert_eq!(acc.usage().unwrap().cached, Some(1));
         assert_eq!(acc.prompt_token_ids(), Some(vec![5]));
@@ -1232,9 +1222,9 @@ mod tests {
         let u = acc.usage().unwrap();
         assert_eq!((u.prompt, u.completion, u.total), (10, 15, 25));
         let ch = acc.choices();
-        assert_eq!(ch[0].message["content"], "Hello");
+        assert_eq!(msg(&ch[0])["content"], "Hello");
         assert_eq!(
-            ch[0].message["tool_calls"][0]["function"]["arguments"],
+            msg(&ch[0])["tool_calls"][0]["function"]["arguments"],
             "{\"x\":2}"
         );
         assert_eq!(ch[0].finish_reason.as_deref(), Some("tool_use"));

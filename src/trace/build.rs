@@ -102,7 +102,7 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
     if let Some(acc) = f.observer.and_then(|o| o.acc.as_ref()) {
         let choices = acc.choices();
         if let Some(c0) = choices.first() {
-            output.message = c0.message.clone();
+            output.message = Some(c0.message.clone());
             output.finish_reason = c0.finish_reason.clone();
             output.output_token_ids = c0.output_token_ids.clone();
             output.rollout_logprobs = c0.rollout_logprobs.clone();

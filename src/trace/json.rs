@@ -5,7 +5,7 @@
 //! proxy's process, so this is part of what tracing costs a call.
 
 use super::chunk::find_stop;
-use super::record::{ChoiceOutput, Tokens, TraceInput, TraceOutput, TraceRecord};
+use super::record::{ChoiceOutput, ReplyMessage, Tokens, TraceInput, TraceOutput, TraceRecord};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -121,7 +121,7 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
     let top = out.len();
     write_reply(
         out,
-        message,
+        message.as_ref(),
         finish_reason,
         output_token_ids,
         rollout_logprobs,
@@ -135,7 +135,7 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
         // The top-level reply is choice 0's: its text is copied rather than written again
         // (comparing is cheaper than escaping the reply a second time).
         if i == 0
-            && c.message == *message
+            && Some(&c.message) == message.as_ref()
             && c.finish_reason == *finish_reason
             && c.output_token_ids == *output_token_ids
             && c.rollout_logprobs == *rollout_logprobs
@@ -165,7 +165,7 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
     out.push(b',');
     write_reply(
         out,
-        message,
+        Some(message),
         finish_reason,
         output_token_ids,
         rollout_logprobs,
@@ -176,19 +176,58 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
 /// The reply fields a record's output and each of its choices share, in serde's order.
 fn write_reply(
     out: &mut Vec<u8>,
-    message: &Value,
+    message: Option<&ReplyMessage>,
     finish_reason: &Option<String>,
     output_token_ids: &[i64],
     rollout_logprobs: &Option<Vec<f64>>,
 ) {
     out.extend_from_slice(b"\"message\":");
-    json(out, message);
+    match message {
+        Some(m) => write_message(out, m),
+        None => out.extend_from_slice(b"null"),
+    }
     out.extend_from_slice(b",\"finish_reason\":");
     opt_string(out, finish_reason.as_deref());
     out.extend_from_slice(b",\"output_token_ids\":");
     value(out, output_token_ids);
     out.extend_from_slice(b",\"rollout_logprobs\":");
     value(out, rollout_logprobs);
+}
+
+fn write_message(out: &mut Vec<u8>, m: &ReplyMessage) {
+    let ReplyMessage {
+        content,
+        reasoning,
+        role,
+        tool_calls,
+    } = m;
+    out.extend_from_slice(b"{\"content\":");
+    opt_string(out, content.as_deref());
+    if let Some(r) = reasoning {
+        out.extend_from_slice(b",\"reasoning\":");
+        string(out, r);
+    }
+    out.extend_from_slice(b",\"role\":");
+    string(out, role);
+    if !tool_calls.is_empty() {
+        out.extend_from_slice(b",\"tool_calls\":[");
+        for (i, t) in tool_calls.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"function\":{\"arguments\":");
+            string(out, &t.arguments);
+            out.extend_from_slice(b",\"name\":");
+            string(out, &t.name);
+            out.extend_from_slice(b"},\"id\":");
+            opt_string(out, t.id.as_deref());
+            out.extend_from_slice(b",\"type\":");
+            string(out, t.kind_or_function());
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
 }
 
 fn write_tokens(out: &mut Vec<u8>, t: &Tokens) {
@@ -311,6 +350,7 @@ fn uint(out: &mut Vec<u8>, mut n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::record::ToolCall;
     use serde_json::json;
     use serde_json::value::RawValue;
 
@@ -345,7 +385,12 @@ mod tests {
                 output: TraceOutput {
                     choices: vec![ChoiceOutput {
                         index: n,
-                        message: serde_json::Value::Null,
+                        message: ReplyMessage {
+                            content: None,
+                            reasoning: None,
+                            role: "assistant".into(),
+                            tool_calls: vec![],
+                        },
                         finish_reason: None,
                         output_token_ids: vec![],
                         rollout_logprobs: None,
@@ -365,10 +410,25 @@ mod tests {
         let raw = |s: &str| Some(RawValue::from_string(s.to_string()).unwrap());
         let choice = |index: u64| ChoiceOutput {
             index,
-            message: json!({
-                "role": "assistant", "content": text, "tool_calls": [{"id": "t", "n": [1, -2, 3.5e300, true, false, null, [], {}]}],
-                text.clone(): {"deep": [[["x"]]], "u": u64::MAX, "i": i64::MIN, "f": -0.0}
-            }),
+            message: ReplyMessage {
+                content: Some(text.clone()),
+                reasoning: (index > 0).then(|| text.clone()),
+                role: text.clone(),
+                tool_calls: vec![
+                    ToolCall {
+                        id: Some("t".into()),
+                        kind: None,
+                        name: text.clone(),
+                        arguments: text.clone(),
+                    },
+                    ToolCall {
+                        id: None,
+                        kind: Some(text.clone()),
+                        name: String::new(),
+                        arguments: "{}".into(),
+                    },
+                ],
+            },
             finish_reason: Some(text.clone()),
             output_token_ids: vec![-1, 0, i64::MAX, i64::MIN],
             rollout_logprobs: Some(vec![-0.5, 0.0, -1e-300, f64::NAN, f64::INFINITY, -12.25]),
@@ -376,6 +436,11 @@ mod tests {
         let mut meta = serde_json::Map::new();
         meta.insert("session_uids".into(), json!(["a", text]));
         meta.insert(text.clone(), json!({"n": 1.5, "z": null}));
+        meta.insert(
+            "values".into(),
+            json!({"n": [1, -2, 3.5e300, true, false, null, [], {}], "deep": [[["x"]]],
+                   "u": u64::MAX, "i": i64::MIN, "f": -0.0}),
+        );
         same_as_serde(&TraceRecord {
             trace_id: text.clone(),
             request_id: "req_1".into(),
@@ -398,7 +463,7 @@ mod tests {
                 prompt_token_ids: vec![1, 2, 3],
             },
             output: TraceOutput {
-                message: choice(0).message,
+                message: Some(choice(0).message),
                 finish_reason: None,
                 output_token_ids: vec![],
                 rollout_logprobs: None,
@@ -433,7 +498,7 @@ mod tests {
             other.index = 9;
             same_as_serde(&TraceRecord {
                 output: TraceOutput {
-                    message: c.message.clone(),
+                    message: Some(c.message.clone()),
                     finish_reason: c.finish_reason.clone(),
                     output_token_ids: c.output_token_ids.clone(),
                     rollout_logprobs: c.rollout_logprobs.clone(),
