@@ -215,6 +215,12 @@ fn bench_sse_accumulation(c: &mut Criterion) {
     g.bench_function("plain_chat_1000_events", |b| {
         b.iter(|| accumulate(&plain_chunks))
     });
+    // One event per chunk: how the forwarder receives a stream whose server writes an HTTP
+    // chunk per event (vLLM, the e2e mock), the case the template path reads whole.
+    let plain_events = whole_events(&plain);
+    g.bench_function("plain_chat_event_per_chunk_1000_events", |b| {
+        b.iter(|| accumulate(&plain_events))
+    });
     g.bench_function("split_only_1000_events", |b| {
         b.iter(|| {
             let mut sp = SseSplitter::new();
