@@ -623,14 +623,16 @@ fn openai_usage(u: &Value) -> Tokens {
 /// another type, a duplicate key) fails to deserialise, and the value is read the general
 /// way instead.
 #[derive(serde::Deserialize)]
-struct UsageFields {
+struct UsageFields<'a> {
     prompt_tokens: Option<u64>,
     input_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
-    prompt_tokens_details: Option<CachedFields>,
-    input_tokens_details: Option<CachedFields>,
+    #[serde(borrow)]
+    prompt_tokens_details: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    input_tokens_details: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(serde::Deserialize)]
@@ -638,28 +640,45 @@ struct CachedFields {
     cached_tokens: Option<u64>,
 }
 
+/// `cached_tokens` of a details value, as [`openai_usage`] reads it: only an object has one.
+/// `Err`: an object of another shape, for the general path to read.
+fn cached_tokens(details: Option<&serde_json::value::RawValue>) -> Result<Option<u64>, ()> {
+    let Some(raw) = details.map(|d| d.get()) else {
+        return Ok(None);
+    };
+    // A derived struct also reads a JSON array, by position; only an object counts here.
+    if !raw.starts_with('{') {
+        return Ok(None);
+    }
+    serde_json::from_str::<CachedFields>(raw)
+        .map(|c| c.cached_tokens)
+        .map_err(|_| ())
+}
+
 /// [`openai_usage`] of a stream chunk's raw `usage` (`None` unless it is an object): read
 /// into plain fields, without the `Value` map that cost about 2,000 instructions per stream
 /// (callgrind, traced S3).
 fn openai_usage_raw(raw: &str) -> Option<Tokens> {
-    // A derived struct also reads a JSON array, by position; usage never is one.
     if !raw.trim_start().starts_with('{') {
         return None;
     }
-    let Ok(u) = serde_json::from_str::<UsageFields>(raw) else {
+    let fields = serde_json::from_str::<UsageFields>(raw).ok().and_then(|u| {
+        let prompt_cached = cached_tokens(u.prompt_tokens_details).ok()?;
+        let input_cached = cached_tokens(u.input_tokens_details).ok()?;
+        Some((u, prompt_cached.or(input_cached)))
+    });
+    let Some((u, cached)) = fields else {
         return raw_value(Some(raw))
             .filter(Value::is_object)
             .map(|u| openai_usage(&u));
     };
     let prompt = u.prompt_tokens.or(u.input_tokens).unwrap_or(0);
     let completion = u.completion_tokens.or(u.output_tokens).unwrap_or(0);
-    let cached = |d: Option<CachedFields>| d.and_then(|d| d.cached_tokens);
-    let cached_prompt = cached(u.prompt_tokens_details);
     Some(Tokens {
         prompt,
         completion,
         total: u.total_tokens.unwrap_or(prompt.saturating_add(completion)),
-        cached: cached_prompt.or_else(|| cached(u.input_tokens_details)),
+        cached,
     })
 }
 
@@ -1083,6 +1102,10 @@ mod tests {
             r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
             r#"{"prompt_tokens_details":5,"prompt_tokens":18446744073709551615,"completion_tokens":1}"#,
             r#"{"prompt_tokens":99999999999999999999999}"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":[5],"input_tokens_details":{"cached_tokens":2}}"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":"x","input_tokens_details":[1]}"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}"#,
+            r#"{"prompt_tokens":3,"input_tokens_details":{"cached_tokens":true}}"#,
             r#"{}"#,
             r#"[5,2,7]"#,
             r#"null"#,
