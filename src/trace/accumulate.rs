@@ -125,6 +125,8 @@ impl Accumulator {
     /// template chunk with another token of text ([`super::chunk::Template::fill_event`]),
     /// each added to the template's choice as [`Self::on_event`] would. Returns the rest.
     fn fill_events<'a>(&mut self, mut b: &'a [u8]) -> &'a [u8] {
+        // The first fill stands apart so the choice is looked up only when one fits, and
+        // once per run.
         let Some((text, len)) = self.template.fill_event(b) else {
             return b;
         };

@@ -171,7 +171,7 @@ impl Template {
         if find_stop(value).is_some() {
             return None;
         }
-        plain_text(value)
+        checked_text(value)
     }
 
     /// The template's chunk as one whole event at the start of `b`: `data: `, the chunk, a
@@ -190,12 +190,12 @@ impl Template {
         let end = find_stop(data)?;
         let (value, rest) = data.split_at(end);
         let rest = rest.strip_prefix(&self.after[..])?.strip_prefix(b"\n\n")?;
-        Some((plain_text(value)?, b.len() - rest.len()))
+        Some((checked_text(value)?, b.len() - rest.len()))
     }
 }
 
 /// `value` when it is valid UTF-8 (ASCII is, and is the cheap test).
-fn plain_text(value: &[u8]) -> Option<&[u8]> {
+fn checked_text(value: &[u8]) -> Option<&[u8]> {
     (value.is_ascii() || std::str::from_utf8(value).is_ok()).then_some(value)
 }
 
