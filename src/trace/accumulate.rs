@@ -225,7 +225,7 @@ impl Accumulator {
                 self.response_model = Some(m.into_owned());
             }
         }
-        if let Some(p) = raw_value(v.prompt_token_ids).as_ref().and_then(ids) {
+        if let Some(p) = v.prompt_token_ids.and_then(raw_ids) {
             self.prompt_token_ids.get_or_insert(p);
         }
         if let Some(u) = v.usage.and_then(openai_usage_raw) {
@@ -247,22 +247,26 @@ impl Accumulator {
                 if let Some(Value::Array(tcs)) = raw_value(d.tool_calls) {
                     acc.absorb_tool_calls(&tcs);
                 }
-                if let Some(t) = raw_value(d.token_ids).as_ref().and_then(ids) {
-                    acc.token_ids.extend(t);
+                if let Some(t) = d.token_ids {
+                    extend_ids(t, &mut acc.token_ids);
                 }
             }
             if completions {
                 if let Some(t) = c.text {
                     acc.push_content(&t);
                 }
-                if let Some(p) = raw_value(c.prompt_token_ids).as_ref().and_then(ids) {
+                if let Some(p) = c.prompt_token_ids.and_then(raw_ids) {
                     acc.prompt_token_ids.get_or_insert(p);
                 }
             }
-            if let Some(t) = raw_value(c.token_ids).as_ref().and_then(ids) {
-                acc.token_ids.extend(t);
+            if let Some(t) = c.token_ids {
+                extend_ids(t, &mut acc.token_ids);
             }
-            collect_logprobs(raw_value(c.logprobs).as_ref(), &mut acc.logprobs);
+            if let Some(lp) = c.logprobs {
+                if super::chunk::logprobs_into(lp, &mut acc.logprobs).is_none() {
+                    collect_logprobs(raw_value(Some(lp)).as_ref(), &mut acc.logprobs);
+                }
+            }
             if let Some(f) = c.finish_reason {
                 acc.finish_reason = Some(f.into_owned());
             }
@@ -749,6 +753,25 @@ fn raw_value(raw: Option<&str>) -> Option<Value> {
     serde_json::from_str(raw?).ok()
 }
 
+/// Appends the ids of a raw `token_ids` array to `out`: read in place, or through a `Value`
+/// when [`super::chunk::ids_into`] declines.
+fn extend_ids(raw: &str, out: &mut Vec<i64>) {
+    if super::chunk::ids_into(raw, out).is_none() {
+        if let Some(t) = raw_value(Some(raw)).as_ref().and_then(ids) {
+            out.extend(t);
+        }
+    }
+}
+
+/// The ids of a raw `prompt_token_ids` array, as [`ids`] reads its value.
+fn raw_ids(raw: &str) -> Option<Vec<i64>> {
+    let mut out = Vec::new();
+    match super::chunk::ids_into(raw, &mut out) {
+        Some(()) => Some(out),
+        None => raw_value(Some(raw)).as_ref().and_then(ids),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -776,6 +799,9 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"id":"late-id","model":null}"#,
             r#"{"choices":[1]}"#,
             r#"{"choices":[{"index":0,"delta":{"content":"bad \ud800"}}]}"#,
+            // vLLM with logprobs and token ids, as every chunk of a traced RL stream has them.
+            r#"{"id":"c3","choices":[{"index":0,"delta":{"content":" tok"},"logprobs":{"content":[{"token":" tok","logprob":-0.123456,"bytes":[32,116,111,107],"top_logprobs":[{"token":" t","logprob":-2.5,"bytes":[32,116]}]}]},"finish_reason":null,"token_ids":[1234]}],"prompt_token_ids":[1,2,3]}"#,
+            r#"{"choices":[{"index":2,"text":"t","logprobs":{"tokens":["t"],"token_logprobs":[-1.5e-3],"top_logprobs":null,"text_offset":[0]},"token_ids":[-7,9223372036854775807]}]}"#,
         ];
         for flavor in [Flavor::Chat, Flavor::Completions] {
             let mut fast = Accumulator::new(flavor);
@@ -1118,6 +1144,138 @@ mod tests {
                 .map(|u| openai_usage(&u));
             assert_eq!(openai_usage_raw(raw), general, "{raw}");
         }
+    }
+
+    /// `logprobs` and token ids read in place are what the `Value` path reads, or declined.
+    #[test]
+    fn logprobs_and_ids_read_in_place_as_through_a_value() {
+        let logprobs = [
+            r#"{"content":[{"token":"a","logprob":-0.1,"bytes":[97],"top_logprobs":[]}]}"#,
+            r#"{"content":[{"logprob":-1},{"logprob":0},{"logprob":-0},{"logprob":-0.0},{"logprob":1e-400}]}"#,
+            r#"{"content":[{"logprob":-9999.0,"top_logprobs":[{"token":"b","logprob":-1.0}]},{"top_logprobs":[],"logprob":-3.25E+1}]}"#,
+            r#"{"content":[{"logprob":-0.30000000000000004},{"logprob":-12345678901234567890123}]}"#,
+            r#"{"content":[{"logprob":1e400}]}"#,
+            r#"{"content":[{"logprob":null}]}"#,
+            r#"{"content":[{"logprob":"-1"}]}"#,
+            r#"{"content":[{"token":"x"}]}"#,
+            r#"{"content":[1,{"logprob":-1}]}"#,
+            r#"{"content":[{"logprob":-1,"logprob":-2}]}"#,
+            r#"{"content":[],"token_logprobs":[-1]}"#,
+            r#"{"content":null,"token_logprobs":[-1,null,-2.5]}"#,
+            r#"{"token_logprobs":[-1],"content":{"a":1}}"#,
+            r#"{"tokens":["a"],"token_logprobs":[null,-0.5],"top_logprobs":[{"a":-0.5}],"text_offset":[0]}"#,
+            r#"{"token_logprobs":"x"}"#,
+            r#"{"token_logprobs":[true]}"#,
+            r#"{"content":[{"logprob":-1}],"content":[]}"#,
+            r#"{}"#,
+            r#" { "content" : [ { "logprob" : -2 } ] } "#,
+            r#"[{"logprob":-1}]"#,
+            r#"-1"#,
+        ];
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut declined = 0;
+        for raw in logprobs {
+            let mut general = vec![0.5];
+            collect_logprobs(raw_value(Some(raw)).as_ref(), &mut general);
+            let mut fast = vec![0.5];
+            match super::super::chunk::logprobs_into(raw, &mut fast) {
+                Some(()) => assert_eq!(bits(&fast), bits(&general), "{raw}"),
+                None => {
+                    assert_eq!(fast, vec![0.5], "a decline leaves the output: {raw}");
+                    declined += 1;
+                }
+            }
+        }
+        assert_eq!(
+            declined, 10,
+            "the unusual shapes are declined, the common ones read"
+        );
+
+        let token_ids = [
+            "[1,2,3]",
+            "[]",
+            " [ 0 , -5 ,9223372036854775807 ] ",
+            "[-9223372036854775808]",
+            "[9223372036854775808]",
+            "[-0]",
+            "[1.0]",
+            "[1e2]",
+            "[null]",
+            "[\"1\"]",
+            "[[1]]",
+            "{\"a\":1}",
+            "7",
+            "[1,]",
+            "[01]",
+        ];
+        let mut declined = 0;
+        for raw in token_ids {
+            let general = raw_value(Some(raw)).as_ref().and_then(ids);
+            let mut fast = vec![42];
+            match super::super::chunk::ids_into(raw, &mut fast) {
+                Some(()) => {
+                    assert_eq!(Some(fast[1..].to_vec()), general, "{raw}");
+                    assert_eq!(raw_ids(raw), general, "{raw}");
+                }
+                None => {
+                    assert_eq!(fast, vec![42], "a decline leaves the output: {raw}");
+                    assert_eq!(raw_ids(raw), general, "{raw}");
+                    declined += 1;
+                }
+            }
+            let mut out = vec![42];
+            extend_ids(raw, &mut out);
+            let mut want = vec![42];
+            want.extend(general.unwrap_or_default());
+            assert_eq!(out, want, "{raw}");
+        }
+        assert_eq!(declined, 11);
+
+        // Every one-byte edit of the common shapes: read as the `Value` path reads, or
+        // declined (never accepted where serde_json rejects).
+        let mut read = 0;
+        for raw in [logprobs[0], logprobs[2], logprobs[13], token_ids[2]] {
+            for i in 0..raw.len() {
+                for edit in [
+                    None,
+                    Some(b' '),
+                    Some(b','),
+                    Some(b']'),
+                    Some(b'}'),
+                    Some(b'-'),
+                    Some(b'e'),
+                    Some(b'.'),
+                    Some(b'0'),
+                    Some(b'n'),
+                ] {
+                    let mut b = raw.as_bytes().to_vec();
+                    match edit {
+                        None => drop(b.remove(i)),
+                        Some(x) => b[i] = x,
+                    }
+                    let Ok(edited) = std::str::from_utf8(&b) else {
+                        continue;
+                    };
+                    let valid = serde_json::from_str::<Value>(edited).is_ok();
+                    let mut fast = Vec::new();
+                    if super::super::chunk::logprobs_into(edited, &mut fast).is_some() {
+                        assert!(valid, "accepted invalid JSON: {edited}");
+                        let mut general = Vec::new();
+                        collect_logprobs(raw_value(Some(edited)).as_ref(), &mut general);
+                        assert_eq!(bits(&fast), bits(&general), "{edited}");
+                        read += 1;
+                    }
+                    let mut fast = Vec::new();
+                    if super::super::chunk::ids_into(edited, &mut fast).is_some() {
+                        assert!(valid, "accepted invalid JSON: {edited}");
+                        let general = raw_value(Some(edited)).as_ref().and_then(ids);
+                        assert_eq!(Some(fast), general, "{edited}");
+                        read += 1;
+                    }
+                }
+            }
+        }
+        assert!(read > 100, "{read}");
     }
 
     fn sse(events: &[Value]) -> Vec<u8> {
