@@ -37,7 +37,7 @@ else
 fi
 S5_STREAMS=1000
 # ONLY="s3 s5" runs a subset (for development; the table then has only those rows).
-read -ra SCENARIOS <<<"${ONLY:-s1 s2 s3 s4 s5}"
+read -ra SCENARIOS <<<"${ONLY:-s1 s2 s3 s3l s4 s5}"
 TARGETS=(direct nginx pingora-min edge-api edge-traced edge-pass)
 # The llm-edge targets, each its own process: (re)started, checked and stopped alike.
 EDGE_TARGETS=(edge-api edge-traced edge-pass)
@@ -45,11 +45,13 @@ EDGE_TARGETS=(edge-api edge-traced edge-pass)
 PROXIES=(nginx pingora-min "${EDGE_TARGETS[@]}")
 
 # runs_in TARGET SCENARIO: whether the target is measured in the scenario. edge-traced (edge-api
-# with a trace record written for every call) runs only in S1 and S3, to keep the run time down;
-# elsewhere its cells in the table are "-".
+# with a trace record written for every call) runs only in S1, S3 and S3L, and S3L (S3 with
+# vLLM-shaped chunks, for the tracing cost) only on direct, nginx, edge-api and edge-traced, to
+# keep the run time down; elsewhere the cells in the table are "-".
 runs_in() {
   case $1 in
-    edge-traced) [[ $2 == s1 || $2 == s3 ]] ;;
+    edge-traced) [[ $2 == s1 || $2 == s3 || $2 == s3l ]] ;;
+    pingora-min | edge-pass) [[ $2 != s3l ]] ;;
     *) true ;;
   esac
 }
@@ -422,6 +424,9 @@ sse_json() {
 }
 
 S3_QUERY="chunks=20"
+# S3L: S3 with the chunks vLLM sends with logprobs and token ids (per-token logprobs, token ids,
+# prompt token ids in the first event), which edge-traced parses.
+S3L_QUERY="chunks=20&logprobs=1"
 S4_QUERY="chunks=20&first_ms=50&gap_ms=20"
 S5_QUERY="chunks=25&first_ms=200&gap_ms=200"
 
@@ -434,6 +439,7 @@ warm_up() {
     s1) wrk_json 32 "$WARM_SECS" body-300.json "$url" >/dev/null ;;
     s2) wrk_json 8 "$WARM_SECS" body-100k.json "$url" >/dev/null ;;
     s3) sse_json "$url" "$S3_QUERY" "$model" --concurrency 16 --streams 200 >/dev/null ;;
+    s3l) sse_json "$url" "$S3L_QUERY" "$model" --concurrency 16 --streams 200 >/dev/null ;;
     s4) sse_json "$url" "chunks=2" "$model" --concurrency 64 --streams 128 >/dev/null ;;
     s5) ;; # 1,000 fresh connections are part of what S5 measures
   esac
@@ -448,6 +454,7 @@ load() {
     s1) wrk_json 32 "$WRK_SECS" body-300.json "$url" ;;
     s2) wrk_json 8 "$WRK_SECS" body-100k.json "$url" ;;
     s3) sse_json "$url" "$S3_QUERY" "$model" --concurrency 16 --streams "$S3_STREAMS" ;;
+    s3l) sse_json "$url" "$S3L_QUERY" "$model" --concurrency 16 --streams "$S3_STREAMS" ;;
     s4) sse_json "$url" "$S4_QUERY" "$model" --concurrency 64 --duration "$S4_SECS" ;;
     s5) sse_json "$url" "$S5_QUERY" "$model" --concurrency "$S5_STREAMS" --streams "$S5_STREAMS" ;;
   esac
@@ -587,6 +594,7 @@ cat >"$TMP/meta.json" <<EOF
   "s1":{"body_bytes":$(wc -c <"$TMP/body-300.json"),"concurrency":32,"seconds":$WRK_SECS},
   "s2":{"body_bytes":$(wc -c <"$TMP/body-100k.json"),"concurrency":8,"seconds":$WRK_SECS},
   "s3":{"query":"$S3_QUERY","concurrency":16,"streams":$S3_STREAMS},
+  "s3l":{"query":"$S3L_QUERY","concurrency":16,"streams":$S3_STREAMS},
   "s4":{"query":"$S4_QUERY","concurrency":64,"seconds":$S4_SECS},
   "s5":{"query":"$S5_QUERY","concurrency":$S5_STREAMS,"streams":$S5_STREAMS}}}
 EOF

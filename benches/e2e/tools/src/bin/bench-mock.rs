@@ -9,10 +9,19 @@
 //!   last event carries `finish_reason` and is followed, in the same write, by a usage event and
 //!   `data: [DONE]`.
 //!
-//! Parameters come from the query string (`?chunks=20&first_ms=50&gap_ms=20`) or, when absent
-//! there, from the headers `x-mock-chunks`, `x-mock-first-ms`, `x-mock-gap-ms`, so one mock
-//! serves every scenario. The reply echoes the request's `model` (found by a byte scan of the
-//! first KiB of the body, no JSON parse), which lets a client check that a proxy renamed it.
+//! With `logprobs=1`, the stream is shaped as vLLM sends it with `logprobs: true` and
+//! `return_token_ids: true`: the first event also carries a top-level `prompt_token_ids` (57
+//! ids, as many as the usage event's `prompt_tokens`), and every chunk's choice carries
+//! `"logprobs":{"content":[{"token":…,"logprob":…,"bytes":[…],"top_logprobs":[]}]}` (the token
+//! is the delta's text, `bytes` its UTF-8 bytes, `logprob` a deterministic negative number of 6
+//! significant digits that varies per chunk) and, after `finish_reason`, `"token_ids":[ID]`
+//! (one id per chunk). Without it, chunks carry `"logprobs":null` and no token ids.
+//!
+//! Parameters come from the query string (`?chunks=20&first_ms=50&gap_ms=20&logprobs=1`) or,
+//! when absent there, from the headers `x-mock-chunks`, `x-mock-first-ms`, `x-mock-gap-ms`,
+//! `x-mock-logprobs`, so one mock serves every scenario. The reply echoes the request's
+//! `model` (found by a byte scan of the first KiB of the body, no JSON parse), which lets a
+//! client check that a proxy renamed it.
 //! `GET /health` answers `ok`.
 //!
 //! Usage: `bench-mock --listen 127.0.0.1:PORT`
@@ -26,6 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use llm_edge_e2e_tools::Flags;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -111,6 +121,8 @@ struct StreamParams {
     chunks: usize,
     first_ms: u64,
     gap_ms: u64,
+    /// vLLM-shaped chunks: per-token logprobs and token ids, prompt token ids first.
+    logprobs: bool,
 }
 
 fn param(req: &Request<Incoming>, query_name: &str, header_name: &str) -> Option<u64> {
@@ -138,6 +150,7 @@ fn stream_params(req: &Request<Incoming>) -> Option<StreamParams> {
         gap_ms: param(req, "gap_ms", "x-mock-gap-ms")
             .unwrap_or(0)
             .min(MAX_DELAY_MS),
+        logprobs: param(req, "logprobs", "x-mock-logprobs").is_some_and(|v| v != 0),
     })
 }
 
@@ -242,33 +255,78 @@ fn completion_json(model: &str) -> Bytes {
     ))
 }
 
-/// One SSE event of the stream; the last one also carries the usage event and `[DONE]`.
-fn chunk_event(model: &str, i: usize, last: bool) -> Bytes {
+/// Prompt token ids of a `logprobs` stream (as many as the usage event's `prompt_tokens`).
+const PROMPT_TOKENS: usize = 57;
+/// First prompt token id; the prompt is `PROMPT_ID0..PROMPT_ID0 + 57`.
+const PROMPT_ID0: usize = 1000;
+/// Token id of chunk `i` of a `logprobs` stream: `COMPLETION_ID0 + i`.
+const COMPLETION_ID0: usize = 20_000;
+
+/// The log-probability of chunk `i`'s token: `-0.dddddd`, 6 significant digits that vary from
+/// chunk to chunk (a multiplicative hash of `i` mapped to 100000..=999999), written exactly as
+/// vLLM's JSON would write such a float.
+fn logprob_text(i: usize) -> String {
+    let n = (i as u64).wrapping_mul(2_654_435_761).wrapping_add(123_457) % 900_000 + 100_000;
+    format!("-0.{n}")
+}
+
+/// One SSE event of the stream; the last one also carries the usage event and `[DONE]`. With
+/// `logprobs`, the event is vLLM-shaped (see the module doc); without, it has
+/// `"logprobs":null`.
+fn chunk_event(model: &str, i: usize, last: bool, logprobs: bool) -> Bytes {
     let finish = if last { r#""stop""# } else { "null" };
+    let token = format!(" tok{i:05}");
     let mut s = format!(
         concat!(
             r#"data: {{"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
-            r#""created":1700000000,"model":"{model}","choices":[{{"index":0,"delta":{{"content":" tok{i:05}"}},"#,
-            r#""logprobs":null,"finish_reason":{finish}}}]}}"#,
-            "\n\n"
+            r#""created":1700000000,"model":"{model}","choices":[{{"index":0,"delta":{{"content":"{token}"}},"#,
         ),
         model = model,
-        i = i,
-        finish = finish
+        token = token,
     );
+    if logprobs {
+        // The token is plain ASCII (no JSON escaping needed).
+        let _ = write!(
+            s,
+            r#""logprobs":{{"content":[{{"token":"{token}","logprob":{lp},"bytes":["#,
+            lp = logprob_text(i),
+        );
+        for (k, b) in token.bytes().enumerate() {
+            let sep = if k == 0 { "" } else { "," };
+            let _ = write!(s, "{sep}{b}");
+        }
+        let _ = write!(
+            s,
+            r#"],"top_logprobs":[]}}]}},"finish_reason":{finish},"token_ids":[{id}]}}]"#,
+            id = COMPLETION_ID0 + i,
+        );
+        if i == 0 {
+            s.push_str(r#","prompt_token_ids":["#);
+            for id in PROMPT_ID0..PROMPT_ID0 + PROMPT_TOKENS {
+                let sep = if id == PROMPT_ID0 { "" } else { "," };
+                let _ = write!(s, "{sep}{id}");
+            }
+            s.push(']');
+        }
+        s.push_str("}\n\n");
+    } else {
+        let _ = write!(s, "\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n");
+    }
     if last {
-        s.push_str(&format!(
+        let _ = write!(
+            s,
             concat!(
                 r#"data: {{"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
                 r#""created":1700000000,"model":"{model}","choices":[],"#,
-                r#""usage":{{"prompt_tokens":57,"completion_tokens":{n},"total_tokens":{t}}}}}"#,
+                r#""usage":{{"prompt_tokens":{p},"completion_tokens":{n},"total_tokens":{t}}}}}"#,
                 "\n\n",
                 "data: [DONE]\n\n"
             ),
             model = model,
+            p = PROMPT_TOKENS,
             n = i + 1,
-            t = 57 + i + 1
-        ));
+            t = PROMPT_TOKENS + i + 1
+        );
     }
     Bytes::from(s)
 }
@@ -338,7 +396,8 @@ impl Body for MockBody {
                 let i = s.next;
                 s.next += 1;
                 let last = s.next == s.params.chunks;
-                Poll::Ready(Some(Ok(Frame::data(chunk_event(&s.model, i, last)))))
+                let event = chunk_event(&s.model, i, last, s.params.logprobs);
+                Poll::Ready(Some(Ok(Frame::data(event))))
             }
         }
     }
@@ -380,7 +439,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["model"], "bench");
         assert!((350..=450).contains(&b.len()), "{} bytes", b.len());
-        let last = chunk_event("bench", 19, true);
+        let last = chunk_event("bench", 19, true, false);
         let text = std::str::from_utf8(&last).unwrap();
         assert!(text.ends_with("data: [DONE]\n\n"));
         for ev in text
@@ -389,5 +448,105 @@ mod tests {
         {
             serde_json::from_str::<serde_json::Value>(ev.strip_prefix("data: ").unwrap()).unwrap();
         }
+    }
+
+    #[test]
+    fn plain_chunks_are_unchanged() {
+        // Byte for byte what the mock sent before `logprobs` existed (S3, S4, S5 depend on it).
+        assert_eq!(
+            &chunk_event("bench", 0, false, false)[..],
+            concat!(
+                r#"data: {"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
+                r#""created":1700000000,"model":"bench","choices":[{"index":0,"delta":{"content":" tok00000"},"#,
+                r#""logprobs":null,"finish_reason":null}]}"#,
+                "\n\n"
+            )
+            .as_bytes()
+        );
+        assert_eq!(
+            &chunk_event("m", 2, true, false)[..],
+            concat!(
+                r#"data: {"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
+                r#""created":1700000000,"model":"m","choices":[{"index":0,"delta":{"content":" tok00002"},"#,
+                r#""logprobs":null,"finish_reason":"stop"}]}"#,
+                "\n\n",
+                r#"data: {"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
+                r#""created":1700000000,"model":"m","choices":[],"#,
+                r#""usage":{"prompt_tokens":57,"completion_tokens":3,"total_tokens":60}}"#,
+                "\n\n",
+                "data: [DONE]\n\n"
+            )
+            .as_bytes()
+        );
+    }
+
+    #[test]
+    fn logprobs_streams_are_vllm_shaped() {
+        let chunks = 20;
+        let stream: String = (0..chunks)
+            .map(|i| {
+                let ev = chunk_event("bench", i, i + 1 == chunks, true);
+                String::from_utf8(ev.to_vec()).unwrap()
+            })
+            .collect();
+        assert!(stream.ends_with("\n\ndata: [DONE]\n\n"), "{stream}");
+        let events: Vec<&str> = stream
+            .split("\n\n")
+            .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+            .map(|e| e.strip_prefix("data: ").unwrap())
+            .collect();
+        assert_eq!(events.len(), chunks + 1, "the chunks and the usage event");
+        let mut ids = Vec::new();
+        let mut logprobs = Vec::new();
+        for (i, text) in events[..chunks].iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let choice = &v["choices"][0];
+            let content = choice["delta"]["content"].as_str().unwrap();
+            let entries = choice["logprobs"]["content"].as_array().unwrap();
+            assert_eq!(entries.len(), 1, "{text}");
+            let entry = &entries[0];
+            assert_eq!(entry["token"].as_str(), Some(content), "{text}");
+            let bytes: Vec<u8> = entry["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+                .collect();
+            assert_eq!(bytes, content.as_bytes(), "{text}");
+            assert_eq!(entry["top_logprobs"], serde_json::json!([]));
+            let lp = entry["logprob"].as_f64().unwrap();
+            assert!((-1.0..=-0.1).contains(&lp), "{text}");
+            logprobs.push(lp);
+            let token_ids = choice["token_ids"].as_array().unwrap();
+            assert_eq!(token_ids.len(), 1, "{text}");
+            ids.push(token_ids[0].as_u64().unwrap());
+            let finish = if i + 1 == chunks { "stop" } else { "" };
+            assert_eq!(choice["finish_reason"].as_str().unwrap_or(""), finish);
+            // vLLM's field order within the choice.
+            let at = |k: &str| text.find(k).unwrap_or_else(|| panic!("{k} in {text}"));
+            assert!(at(r#""index":0"#) < at(r#""delta":"#));
+            assert!(at(r#""delta":"#) < at(r#""logprobs":"#));
+            assert!(at(r#""logprobs":"#) < at(r#""finish_reason":"#));
+            assert!(at(r#""finish_reason":"#) < at(r#""token_ids":"#));
+            let prompt = v.get("prompt_token_ids");
+            if i == 0 {
+                assert_eq!(prompt.unwrap().as_array().unwrap().len(), PROMPT_TOKENS);
+            } else {
+                assert!(prompt.is_none(), "{text}");
+            }
+        }
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            chunks,
+            "one token id per chunk, distinct: {ids:?}"
+        );
+        logprobs.sort_by(f64::total_cmp);
+        logprobs.dedup();
+        assert!(logprobs.len() > chunks / 2, "logprobs vary: {logprobs:?}");
+        let usage: serde_json::Value = serde_json::from_str(events[chunks]).unwrap();
+        assert_eq!(usage["usage"]["prompt_tokens"], PROMPT_TOKENS);
+        assert_eq!(usage["usage"]["completion_tokens"], chunks);
+        assert!(usage.get("prompt_token_ids").is_none());
     }
 }

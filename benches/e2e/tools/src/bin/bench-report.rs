@@ -7,9 +7,13 @@
 //! records written during the run) and `"traces_dropped":N` (null when the flush failed). Every
 //! figure is computed per round, then the median over rounds is taken; "extra" figures of S4 are
 //! differences to the direct target of the same round. A target without measurements in a
-//! scenario (`edge-traced` runs only in S1 and S3) shows `-`. Below the table, the cost of tracing
-//! every call (S3, `edge-traced` against `edge-api`, from the medians). Prints the table on stdout
-//! and writes `{meta, summary, tracing_cost, problems, raw}` to `--out`.
+//! scenario (`edge-traced` runs only in S1, S3 and S3L; `pingora-min` and `edge-pass` not in S3L)
+//! shows `-`. Below the table, the cost of tracing every call (`edge-traced` against `edge-api`,
+//! from the medians): one line for S3, one for S3L (vLLM-shaped chunks with logprobs and token
+//! ids), each when the scenario has both targets. Prints the table on stdout and writes
+//! `{meta, summary, tracing_cost, tracing_cost_s3l, problems, raw}` to `--out`: `tracing_cost` is
+//! S3's (its key and shape predate S3L), `tracing_cost_s3l` the same object for S3L; each is null
+//! without its line.
 //!
 //! Usage: `bench-report --raw raw.jsonl --clk-tck 100 --meta meta.json --out results.json`
 
@@ -30,11 +34,18 @@ const TARGETS: [&str; 6] = [
     "edge-pass",
 ];
 const BASELINE: &str = "nginx";
-/// The tracing cost compares these two targets in S3.
+/// The tracing cost compares these two targets in the scenarios of `TRACING_SCENARIOS`.
 const UNTRACED: &str = "edge-api";
 const TRACED: &str = "edge-traced";
-/// Goal: tracing every call raises S3 CPU per stream by at most this much (and TTFB not at all).
+/// Goal: tracing every call raises CPU per stream (S3, S3L) by at most this much (and TTFB not
+/// at all).
 const TRACING_CPU_TARGET_PCT: f64 = 25.0;
+/// Scenarios whose tracing cost is reported, in the order of their lines: scenario, its name in
+/// the line, the key of its figures in the JSON output.
+const TRACING_SCENARIOS: [(&str, &str, &str); 2] = [
+    ("s3", "S3", "tracing_cost"),
+    ("s3l", "S3L", "tracing_cost_s3l"),
+];
 
 /// How a figure is combined over rounds.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -175,7 +186,7 @@ fn metrics(scenario: &str) -> Vec<Metric> {
             count("requests", "requests (all rounds)", |x, _| x.wrk_requests()),
             count("errors", "errors (all rounds)", |x, _| x.wrk_errors()),
         ],
-        "s3" => vec![
+        "s3" | "s3l" => vec![
             m("ttfb_p50", "TTFB p50 ms", |x, _| x.sse(&["ttfb_ms", "p50"])),
             m("ttfb_p99", "TTFB p99 ms", |x, _| x.sse(&["ttfb_ms", "p99"])),
             m("total_p50", "total p50 ms", |x, _| {
@@ -269,10 +280,14 @@ fn metrics(scenario: &str) -> Vec<Metric> {
     }
 }
 
-const SCENARIOS: [(&str, &str); 5] = [
+const SCENARIOS: [(&str, &str); 6] = [
     ("s1", "S1 non-stream, ~300 B body"),
     ("s2", "S2 non-stream, ~100 KB body"),
     ("s3", "S3 streams, 20 chunks, no delay"),
+    (
+        "s3l",
+        "S3L streams, 20 chunks with logprobs and token ids (vLLM)",
+    ),
     ("s4", "S4 streams, 50 ms first, 20 ms gaps"),
     ("s5", "S5 1,000 concurrent slow streams"),
 ];
@@ -359,7 +374,7 @@ fn real_main() -> Result<(), String> {
 
     let report = build_report(&raw, clk_tck);
     print!("{}", report.table);
-    if let Some(line) = &report.tracing_line {
+    for line in &report.tracing_lines {
         println!("{line}");
     }
     if report.notes.is_empty() {
@@ -376,13 +391,15 @@ fn real_main() -> Result<(), String> {
             .filter(|l| !l.trim().is_empty())
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        let doc = json!({
+        let mut doc = json!({
             "meta": meta,
             "summary": report.summary,
-            "tracing_cost": report.tracing_cost,
             "problems": report.notes,
             "raw": raw_values,
         });
+        for (key, v) in report.tracing_costs {
+            doc[key] = v;
+        }
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         std::fs::write(out, text + "\n").map_err(|e| format!("writing {out}: {e}"))?;
     }
@@ -400,10 +417,12 @@ struct Report {
     table: String,
     /// Per scenario, figure and target: value, ratio to nginx, per-round values.
     summary: Map<String, Value>,
-    /// "tracing on every call: …", when S3 has both edge-api and edge-traced.
-    tracing_line: Option<String>,
-    /// The same figures as JSON (null when there is no line).
-    tracing_cost: Value,
+    /// "tracing on every call: …", S3 then S3L, for each of them that has both edge-api and
+    /// edge-traced.
+    tracing_lines: Vec<String>,
+    /// The same figures as JSON, per `TRACING_SCENARIOS` entry: its JSON key (`tracing_cost`,
+    /// `tracing_cost_s3l`) and the figures, null when the scenario has no line.
+    tracing_costs: Vec<(&'static str, Value)>,
     /// The "problems" list.
     notes: Vec<String>,
 }
@@ -551,21 +570,29 @@ fn build_report(raw: &[Measurement], clk_tck: f64) -> Report {
             notes.extend(trace_notes(scenario, m));
         }
     }
-    let (tracing_line, tracing_cost) = match tracing_cost(&all_combined, raw) {
-        Some((line, v)) => (Some(line), v),
-        None => (None, Value::Null),
-    };
+    let mut tracing_lines = Vec::new();
+    let mut tracing_costs = Vec::new();
+    for (scenario, name, key) in TRACING_SCENARIOS {
+        let v = match tracing_cost(&all_combined, raw, scenario, name) {
+            Some((line, v)) => {
+                tracing_lines.push(line);
+                v
+            }
+            None => Value::Null,
+        };
+        tracing_costs.push((key, v));
+    }
     Report {
         table,
         summary,
-        tracing_line,
-        tracing_cost,
+        tracing_lines,
+        tracing_costs,
         notes,
     }
 }
 
 /// Problems with the trace records of an `edge-traced` measurement: dropped records, a failed
-/// flush, or (S3) fewer records than streams that ended with `[DONE]`, so not every call was
+/// flush, or (S3, S3L) fewer records than streams that ended with `[DONE]`, so not every call was
 /// traced and the measurement does not show the cost of tracing every call.
 fn trace_notes(scenario: &str, m: &Measurement) -> Vec<String> {
     let mut notes = Vec::new();
@@ -582,7 +609,7 @@ fn trace_notes(scenario: &str, m: &Measurement) -> Vec<String> {
         )),
         _ => {}
     }
-    if scenario == "s3" {
+    if TRACING_SCENARIOS.iter().any(|(s, _, _)| *s == scenario) {
         if let Some(done) = m.sse(&["done"]).filter(|d| traces < *d) {
             notes.push(format!(
                 "{at}: {traces} trace records for {done} streams ended with [DONE] (every call \
@@ -593,22 +620,28 @@ fn trace_notes(scenario: &str, m: &Measurement) -> Vec<String> {
     notes
 }
 
-/// The cost of tracing every call, from the S3 medians of `edge-traced` and `edge-api`: the
-/// line printed below the table and its JSON. None unless both targets have the three figures.
-fn tracing_cost(c: &Combined, raw: &[Measurement]) -> Option<(String, Value)> {
-    let get = |key: &'static str, t: &str| c.get(&("s3", key))?.get(t).copied();
+/// The cost of tracing every call, from the medians of `edge-traced` and `edge-api` in
+/// `scenario` (`name` in the line): the line printed below the table and its JSON. None unless
+/// both targets have the three figures there.
+fn tracing_cost(
+    c: &Combined,
+    raw: &[Measurement],
+    scenario: &'static str,
+    name: &str,
+) -> Option<(String, Value)> {
+    let get = |key: &'static str, t: &str| c.get(&(scenario, key))?.get(t).copied();
     let (cpu_a, cpu_t) = (get("cpu_us", UNTRACED)?, get("cpu_us", TRACED)?);
     let (p50_a, p50_t) = (get("ttfb_p50", UNTRACED)?, get("ttfb_p50", TRACED)?);
     let (p99_a, p99_t) = (get("ttfb_p99", UNTRACED)?, get("ttfb_p99", TRACED)?);
     let cpu_pct = (cpu_a > 0.0).then(|| (cpu_t / cpu_a - 1.0) * 100.0)?;
     let (d50, d99) = (p50_t - p50_a, p99_t - p99_a);
     let line = format!(
-        "tracing on every call: S3 CPU/stream {cpu_pct:+.1}% (target <= {TRACING_CPU_TARGET_PCT:.0}%), \
+        "tracing on every call: {name} CPU/stream {cpu_pct:+.1}% (target <= {TRACING_CPU_TARGET_PCT:.0}%), \
          TTFB p50 {d50:+.3} ms, p99 {d99:+.3} ms"
     );
     let rounds: Vec<Value> = raw
         .iter()
-        .filter(|m| m.scenario == "s3" && m.target == TRACED)
+        .filter(|m| m.scenario == scenario && m.target == TRACED)
         .map(|m| {
             json!({
                 "round": m.round,
@@ -630,7 +663,7 @@ fn tracing_cost(c: &Combined, raw: &[Measurement]) -> Option<(String, Value)> {
     cpu["target_max_pct"] = json!(TRACING_CPU_TARGET_PCT);
     cpu["within_target"] = json!(cpu_pct <= TRACING_CPU_TARGET_PCT);
     let v = json!({
-        "scenario": "s3",
+        "scenario": scenario,
         "baseline": UNTRACED,
         "traced": TRACED,
         "cpu_us_per_stream": cpu,
@@ -667,13 +700,30 @@ mod tests {
 
     /// An S3 `bench-sse` line: `cpu_ns` of proxy CPU for `streams` streams.
     fn s3(round: u64, target: &str, ttfb: (f64, f64), cpu_ns: u64, traces: &str) -> String {
+        sse("s3", round, target, ttfb, cpu_ns, traces)
+    }
+
+    /// The same for S3L.
+    fn s3l(round: u64, target: &str, ttfb: (f64, f64), cpu_ns: u64, traces: &str) -> String {
+        sse("s3l", round, target, ttfb, cpu_ns, traces)
+    }
+
+    /// A `bench-sse` line of 1,000 streams in `scenario`.
+    fn sse(
+        scenario: &str,
+        round: u64,
+        target: &str,
+        ttfb: (f64, f64),
+        cpu_ns: u64,
+        traces: &str,
+    ) -> String {
         let proxy = if target == "direct" {
             "null".to_string()
         } else {
             format!(r#"{{"cpu_ns":{cpu_ns},"cpu_ticks":1,"rss_kb":1024,"alive":true}}"#)
         };
         format!(
-            r#"{{"round":{round},"scenario":"s3","target":"{target}","load":{{"streams":1000,"done":1000,"failures":0,"connections":16,"close_delimited":0,"ttfb_ms":{{"p50":{},"p99":{}}},"total_ms":{{"p50":1.0,"p99":2.0}},"streams_per_s":5000}},"proxy":{proxy},"mock":{{"cpu_ns":1}}{traces}}}"#,
+            r#"{{"round":{round},"scenario":"{scenario}","target":"{target}","load":{{"streams":1000,"done":1000,"failures":0,"connections":16,"close_delimited":0,"ttfb_ms":{{"p50":{},"p99":{}}},"total_ms":{{"p50":1.0,"p99":2.0}},"streams_per_s":5000}},"proxy":{proxy},"mock":{{"cpu_ns":1}}{traces}}}"#,
             ttfb.0, ttfb.1
         )
     }
@@ -697,6 +747,11 @@ mod tests {
                     .to_string()
             })
             .collect()
+    }
+
+    /// The JSON figures of the tracing cost under `key` (`tracing_cost`, `tracing_cost_s3l`).
+    fn cost<'a>(r: &'a Report, key: &str) -> &'a Value {
+        &r.tracing_costs.iter().find(|(k, _)| *k == key).unwrap().1
     }
 
     fn row<'a>(table: &'a str, scenario_title: &str, label: &str) -> &'a str {
@@ -780,13 +835,15 @@ mod tests {
         );
 
         assert_eq!(
-            r.tracing_line.as_deref(),
-            Some(
+            r.tracing_lines,
+            [
                 "tracing on every call: S3 CPU/stream +16.7% (target <= 25%), TTFB p50 +0.050 ms, \
-                 p99 +0.250 ms"
-            )
+              p99 +0.250 ms"
+            ]
         );
-        let t = &r.tracing_cost;
+        assert_eq!(cost(&r, "tracing_cost_s3l"), &Value::Null);
+        let t = cost(&r, "tracing_cost");
+        assert_eq!(t["scenario"], json!("s3"));
         assert_eq!(t["cpu_us_per_stream"]["edge-api"], json!(42.0));
         assert_eq!(t["cpu_us_per_stream"]["edge-traced"], json!(49.0));
         assert_eq!(t["cpu_us_per_stream"]["increase_pct"], json!(16.667));
@@ -809,8 +866,9 @@ mod tests {
         )
         .unwrap();
         let r = build_report(&raw, 100.0);
-        assert_eq!(r.tracing_line, None);
-        assert_eq!(r.tracing_cost, Value::Null);
+        assert!(r.tracing_lines.is_empty());
+        assert_eq!(cost(&r, "tracing_cost"), &Value::Null);
+        assert_eq!(cost(&r, "tracing_cost_s3l"), &Value::Null);
         assert_eq!(cells(row(&r.table, "S3 streams", "proxy CPU"))[4], "-");
 
         // Missing and dropped trace records, a failed flush, a regression beyond the target
@@ -839,14 +897,14 @@ mod tests {
         .unwrap();
         let r = build_report(&raw, 100.0);
         assert_eq!(
-            r.tracing_line.as_deref(),
-            Some(
+            r.tracing_lines,
+            [
                 "tracing on every call: S3 CPU/stream +50.0% (target <= 25%), TTFB p50 -0.100 ms, \
-                 p99 +0.000 ms"
-            )
+              p99 +0.000 ms"
+            ]
         );
         assert_eq!(
-            r.tracing_cost["cpu_us_per_stream"]["within_target"],
+            cost(&r, "tracing_cost")["cpu_us_per_stream"]["within_target"],
             json!(false)
         );
         assert_eq!(
@@ -857,6 +915,144 @@ mod tests {
                  (every call should have one)",
                 "s3 round 2 edge-traced: POST /admin/traces/flush failed (trace records not all \
                  counted)",
+            ]
+        );
+    }
+
+    /// S3 lines, then the same for S3L with other figures: edge-api 50 µs/stream, edge-traced 60
+    /// (+20 %); TTFB p50 0.5 vs 0.6, p99 2.0 vs 1.8. S3L has no pingora-min or edge-pass.
+    fn s3_and_s3l() -> Vec<String> {
+        vec![
+            s3(1, "direct", (0.2, 1.0), 0, ""),
+            s3(1, "nginx", (0.4, 1.5), 20_000_000, ""),
+            s3(1, "pingora-min", (0.4, 1.5), 30_000_000, ""),
+            s3(1, "edge-api", (0.5, 2.0), 40_000_000, ""),
+            s3(
+                1,
+                "edge-traced",
+                (0.55, 2.25),
+                49_000_000,
+                r#","traces":1000,"traces_dropped":0"#,
+            ),
+            s3(1, "edge-pass", (0.4, 1.5), 30_000_000, ""),
+            s3l(1, "direct", (0.3, 1.1), 0, ""),
+            s3l(1, "nginx", (0.5, 1.6), 25_000_000, ""),
+            s3l(1, "edge-api", (0.5, 2.0), 50_000_000, ""),
+            s3l(
+                1,
+                "edge-traced",
+                (0.6, 1.8),
+                60_000_000,
+                r#","traces":1000,"traces_dropped":0"#,
+            ),
+        ]
+    }
+
+    #[test]
+    fn s3l_has_the_s3_rows_and_its_own_tracing_cost() {
+        let raw = parse_raw(&s3_and_s3l().join("\n")).unwrap();
+        let r = build_report(&raw, 100.0);
+        let title = "S3L streams, 20 chunks with logprobs and token ids (vLLM)";
+        // S3L comes right after S3, with the same rows.
+        let titles: Vec<&str> = r.table.lines().filter(|l| l.starts_with('S')).collect();
+        assert_eq!(titles, ["S3 streams, 20 chunks, no delay", title]);
+        let rows_of = |t: &str| -> Vec<String> {
+            r.table
+                .lines()
+                .skip_while(|l| *l != t)
+                .skip(1)
+                .take_while(|l| l.starts_with("  "))
+                .map(|l| l.chars().take(26).collect::<String>().trim().to_string())
+                .collect()
+        };
+        assert_eq!(rows_of(title), rows_of("S3 streams, 20 chunks, no delay"));
+        assert!(rows_of(title).contains(&"proxy CPU µs/stream".to_string()));
+        let cpu = cells(row(&r.table, title, "proxy CPU"));
+        assert_eq!(
+            cpu,
+            [
+                "-",
+                "25.00 (1.00x)",
+                "-",
+                "50.00 (2.00x)",
+                "60.00 (2.40x)",
+                "-"
+            ],
+            "{}",
+            r.table
+        );
+        assert_eq!(cells(row(&r.table, title, "streams (all"))[4], "1000");
+        assert_eq!(
+            r.summary["s3l"]["cpu_us"]["targets"]["edge-traced"]["value"],
+            json!(60.0)
+        );
+
+        // One line per scenario, S3 first.
+        assert_eq!(
+            r.tracing_lines,
+            [
+                "tracing on every call: S3 CPU/stream +22.5% (target <= 25%), TTFB p50 +0.050 ms, \
+                 p99 +0.250 ms",
+                "tracing on every call: S3L CPU/stream +20.0% (target <= 25%), TTFB p50 +0.100 ms, \
+                 p99 -0.200 ms",
+            ]
+        );
+        // S3's JSON keeps its key; S3L's has the same shape under its own.
+        assert_eq!(cost(&r, "tracing_cost")["scenario"], json!("s3"));
+        assert_eq!(
+            cost(&r, "tracing_cost")["cpu_us_per_stream"]["edge-traced"],
+            json!(49.0)
+        );
+        let t = cost(&r, "tracing_cost_s3l");
+        assert_eq!(t["scenario"], json!("s3l"));
+        assert_eq!(t["cpu_us_per_stream"]["edge-api"], json!(50.0));
+        assert_eq!(t["cpu_us_per_stream"]["edge-traced"], json!(60.0));
+        assert_eq!(t["cpu_us_per_stream"]["increase_pct"], json!(20.0));
+        assert_eq!(t["cpu_us_per_stream"]["within_target"], json!(true));
+        assert_eq!(t["ttfb_p50_ms"]["increase_ms"], json!(0.1));
+        assert_eq!(t["ttfb_p99_ms"]["increase_ms"], json!(-0.2));
+        assert_eq!(
+            t["rounds"],
+            json!([{"round": 1, "traces": 1000.0, "traces_dropped": 0.0, "streams": 1000.0, "done": 1000.0}])
+        );
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn s3l_line_needs_both_targets_and_checks_the_traces() {
+        // S3L without edge-traced: S3's line only, S3L's JSON null, "-" in its column.
+        let lines: Vec<String> = s3_and_s3l()
+            .into_iter()
+            .filter(|l| !l.contains(r#""scenario":"s3l","target":"edge-traced""#))
+            .collect();
+        let r = build_report(&parse_raw(&lines.join("\n")).unwrap(), 100.0);
+        assert_eq!(r.tracing_lines.len(), 1);
+        assert!(r.tracing_lines[0].starts_with("tracing on every call: S3 CPU"));
+        assert_ne!(cost(&r, "tracing_cost"), &Value::Null);
+        assert_eq!(cost(&r, "tracing_cost_s3l"), &Value::Null);
+        let title = "S3L streams, 20 chunks with logprobs and token ids (vLLM)";
+        assert_eq!(cells(row(&r.table, title, "proxy CPU"))[4], "-");
+
+        // S3L alone (ONLY="s3l"): its line only, S3's JSON null; missing trace records of S3L
+        // are reported like S3's.
+        let lines: Vec<String> = s3_and_s3l()
+            .into_iter()
+            .filter(|l| l.contains(r#""scenario":"s3l""#))
+            .map(|l| l.replace(r#""traces":1000"#, r#""traces":998"#))
+            .collect();
+        let r = build_report(&parse_raw(&lines.join("\n")).unwrap(), 100.0);
+        assert_eq!(
+            r.tracing_lines,
+            ["tracing on every call: S3L CPU/stream +20.0% (target <= 25%), TTFB p50 +0.100 ms, \
+              p99 -0.200 ms"]
+        );
+        assert_eq!(cost(&r, "tracing_cost"), &Value::Null);
+        assert_ne!(cost(&r, "tracing_cost_s3l"), &Value::Null);
+        assert_eq!(
+            r.notes,
+            [
+                "s3l round 1 edge-traced: 998 trace records for 1000 streams ended with [DONE] \
+              (every call should have one)"
             ]
         );
     }
