@@ -3,6 +3,7 @@
 //! deltas merged by their index, token ids and logprobs concatenated, last non-null
 //! finish_reason kept; prompt token ids and usage picked up where the upstream reports them.
 
+use super::chunk::Read;
 use super::record::{ChoiceOutput, ReplyMessage, Tokens, ToolCall};
 use crate::observe::sse::{SseEvent, SseSplitter};
 use serde_json::Value;
@@ -225,7 +226,7 @@ impl Accumulator {
                 self.response_model = Some(m.into_owned());
             }
         }
-        if let Some(p) = v.prompt_token_ids.and_then(raw_ids) {
+        if let Some(p) = v.prompt_token_ids.and_then(read_ids) {
             self.prompt_token_ids.get_or_insert(p);
         }
         if let Some(u) = v.usage.and_then(openai_usage_raw) {
@@ -247,25 +248,27 @@ impl Accumulator {
                 if let Some(Value::Array(tcs)) = raw_value(d.tool_calls) {
                     acc.absorb_tool_calls(&tcs);
                 }
-                if let Some(t) = d.token_ids {
-                    extend_ids(t, &mut acc.token_ids);
+                if let Some(t) = d.token_ids.and_then(read_ids) {
+                    acc.token_ids.extend(t);
                 }
             }
             if completions {
                 if let Some(t) = c.text {
                     acc.push_content(&t);
                 }
-                if let Some(p) = c.prompt_token_ids.and_then(raw_ids) {
+                if let Some(p) = c.prompt_token_ids.and_then(read_ids) {
                     acc.prompt_token_ids.get_or_insert(p);
                 }
             }
-            if let Some(t) = c.token_ids {
-                extend_ids(t, &mut acc.token_ids);
+            if let Some(t) = c.token_ids.and_then(read_ids) {
+                acc.token_ids.extend(t);
             }
-            if let Some(lp) = c.logprobs {
-                if super::chunk::logprobs_into(lp, &mut acc.logprobs).is_none() {
-                    collect_logprobs(raw_value(Some(lp)).as_ref(), &mut acc.logprobs);
+            match c.logprobs {
+                Some(Read::Values(v)) => acc.logprobs.extend(v),
+                Some(Read::Raw(raw)) => {
+                    collect_logprobs(raw_value(Some(raw)).as_ref(), &mut acc.logprobs)
                 }
+                None => {}
             }
             if let Some(f) = c.finish_reason {
                 acc.finish_reason = Some(f.into_owned());
@@ -753,22 +756,11 @@ fn raw_value(raw: Option<&str>) -> Option<Value> {
     serde_json::from_str(raw?).ok()
 }
 
-/// Appends the ids of a raw `token_ids` array to `out`: read in place, or through a `Value`
-/// when [`super::chunk::ids_into`] declines.
-fn extend_ids(raw: &str, out: &mut Vec<i64>) {
-    if super::chunk::ids_into(raw, out).is_none() {
-        if let Some(t) = raw_value(Some(raw)).as_ref().and_then(ids) {
-            out.extend(t);
-        }
-    }
-}
-
-/// The ids of a raw `prompt_token_ids` array, as [`ids`] reads its value.
-fn raw_ids(raw: &str) -> Option<Vec<i64>> {
-    let mut out = Vec::new();
-    match super::chunk::ids_into(raw, &mut out) {
-        Some(()) => Some(out),
-        None => raw_value(Some(raw)).as_ref().and_then(ids),
+/// The ids of a `token_ids` value, as [`ids`] reads it: read in place, or through a `Value`.
+fn read_ids(r: Read<'_, i64>) -> Option<Vec<i64>> {
+    match r {
+        Read::Values(v) => Some(v),
+        Read::Raw(raw) => raw_value(Some(raw)).as_ref().and_then(ids),
     }
 }
 
@@ -1213,21 +1205,18 @@ mod tests {
             let general = raw_value(Some(raw)).as_ref().and_then(ids);
             let mut fast = vec![42];
             match super::super::chunk::ids_into(raw, &mut fast) {
-                Some(()) => {
-                    assert_eq!(Some(fast[1..].to_vec()), general, "{raw}");
-                    assert_eq!(raw_ids(raw), general, "{raw}");
-                }
+                Some(()) => assert_eq!(Some(fast[1..].to_vec()), general, "{raw}"),
                 None => {
                     assert_eq!(fast, vec![42], "a decline leaves the output: {raw}");
-                    assert_eq!(raw_ids(raw), general, "{raw}");
                     declined += 1;
                 }
             }
-            let mut out = vec![42];
-            extend_ids(raw, &mut out);
-            let mut want = vec![42];
-            want.extend(general.unwrap_or_default());
-            assert_eq!(out, want, "{raw}");
+            // Inside a chunk: read in place or kept raw, either way as the general path.
+            let chunk = format!(r#"{{"choices":[{{"token_ids":{raw}}}]}}"#);
+            if let Some(c) = super::super::chunk::scan(&chunk) {
+                let read = c.choices.unwrap().remove(0).token_ids.and_then(read_ids);
+                assert_eq!(read, general, "{raw}");
+            }
         }
         assert_eq!(declined, 11);
 
