@@ -259,12 +259,7 @@ pub(super) fn find_stop(b: &[u8]) -> Option<usize> {
 /// tree cost about 40% of a chunk's reading (criterion `chat_1000_events`).
 #[cfg(test)]
 pub fn logprobs_into(raw: &str, out: &mut Vec<f64>) -> Option<()> {
-    let start = out.len();
-    let read = Scanner::new(raw).whole(|s| s.logprobs(out));
-    if read.is_none() {
-        out.truncate(start);
-    }
-    read
+    read_whole(raw, out, Scanner::logprobs)
 }
 
 /// Appends the token ids of a raw `token_ids` (or `prompt_token_ids`) array to `out`, as the
@@ -272,12 +267,22 @@ pub fn logprobs_into(raw: &str, out: &mut Vec<f64>) -> Option<()> {
 /// an array of integers that fit `i64` (the general path reads the rest).
 #[cfg(test)]
 pub fn ids_into(raw: &str, out: &mut Vec<i64>) -> Option<()> {
+    read_whole(raw, out, Scanner::ids)
+}
+
+/// `raw` read whole by `read` into `out`, which a decline leaves as it was.
+#[cfg(test)]
+fn read_whole<'a, T>(
+    raw: &'a str,
+    out: &mut Vec<T>,
+    read: impl FnOnce(&mut Scanner<'a>, &mut Vec<T>) -> Option<()>,
+) -> Option<()> {
     let start = out.len();
-    let read = Scanner::new(raw).whole(|s| s.ids(out));
-    if read.is_none() {
+    let done = Scanner::new(raw).whole(|s| read(s, out));
+    if done.is_none() {
         out.truncate(start);
     }
-    read
+    done
 }
 
 /// Deepest nesting skipped; deeper input is declined rather than recursed into.
