@@ -658,7 +658,12 @@ impl<'a> Scanner<'a> {
                     return Some(());
                 }
                 loop {
-                    self.skip(depth + 1)?;
+                    // Arrays of numbers (logprobs' `bytes`, ids) are common: no recursion
+                    // for their elements.
+                    match self.peek()? {
+                        b'-' | b'0'..=b'9' => self.number()?,
+                        _ => self.skip(depth + 1)?,
+                    }
                     match self.peek()? {
                         b',' => self.i += 1,
                         b']' => {
