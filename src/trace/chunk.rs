@@ -372,28 +372,17 @@ impl<'a> Scanner<'a> {
             self.skip(2)?;
             return Some(false);
         }
-        self.i += 1;
-        if self.peek()? == b']' {
-            self.i += 1;
-            return Some(true);
-        }
-        loop {
+        self.array(|s| {
             let mut logprob = None;
             let mut seen = false;
-            self.object(|s, key| match key {
+            s.object(|s, key| match key {
                 "logprob" => once(&mut logprob, &mut seen, Some(s.f64()?)),
                 _ => s.skip(3),
             })?;
             out.push(logprob?);
-            match self.peek()? {
-                b',' => self.i += 1,
-                b']' => {
-                    self.i += 1;
-                    return Some(true);
-                }
-                _ => return None,
-            }
-        }
+            Some(())
+        })?;
+        Some(true)
     }
 
     /// `token_logprobs` (completions): numbers, `null` read as NaN; `None` inside when it is
@@ -651,29 +640,12 @@ impl<'a> Scanner<'a> {
         match self.peek()? {
             b'"' => self.string().map(drop),
             b'{' => self.object(|s, _| s.skip(depth + 1)),
-            b'[' => {
-                self.i += 1;
-                if self.peek()? == b']' {
-                    self.i += 1;
-                    return Some(());
-                }
-                loop {
-                    // Arrays of numbers (logprobs' `bytes`, ids) are common: no recursion
-                    // for their elements.
-                    match self.peek()? {
-                        b'-' | b'0'..=b'9' => self.number()?,
-                        _ => self.skip(depth + 1)?,
-                    }
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
-                    }
-                }
-            }
+            // Arrays of numbers (logprobs' `bytes`, ids) are common: no recursion for their
+            // elements.
+            b'[' => self.array(|s| match s.peek()? {
+                b'-' | b'0'..=b'9' => s.number(),
+                _ => s.skip(depth + 1),
+            }),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
@@ -798,23 +770,12 @@ impl<'a> Scanner<'a> {
         if self.null()? {
             return Some(None);
         }
-        self.eat(b'[')?;
         let mut out = Vec::with_capacity(1);
-        if self.peek()? == b']' {
-            self.i += 1;
-            return Some(Some(out));
-        }
-        loop {
-            out.push(self.choice()?);
-            match self.peek()? {
-                b',' => self.i += 1,
-                b']' => {
-                    self.i += 1;
-                    return Some(Some(out));
-                }
-                _ => return None,
-            }
-        }
+        self.array(|s| {
+            out.push(s.choice()?);
+            Some(())
+        })?;
+        Some(Some(out))
     }
 
     fn choice(&mut self) -> Option<Choice<'a>> {
