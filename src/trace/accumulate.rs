@@ -54,6 +54,14 @@ pub struct Accumulator {
     /// The stream's plain text chunk and the choice it feeds ([`super::chunk::Template`]).
     template: super::chunk::Template,
     template_choice: u64,
+    /// The stream's token chunk (text, logprobs, token ids) and the choice it feeds
+    /// ([`super::chunk::Shape`]).
+    shape: super::chunk::Shape,
+    shape_choice: u64,
+    /// Shapes learned and chunks that fitted one: a stream whose chunks never fit stops
+    /// paying for learning.
+    shape_learns: u32,
+    shape_fills: u32,
     /// Raw JSON body of a non-stream response (bounded).
     json: Vec<u8>,
     json_cap: usize,
@@ -62,6 +70,9 @@ pub struct Accumulator {
     /// A JSON body could not be parsed.
     pub parse_error: Option<String>,
 }
+
+/// Tokens of a short reply, reserved at once for its ids and logprobs.
+const SHORT_REPLY: usize = 64;
 
 /// Largest non-stream body kept for parsing: 64 MiB.
 const JSON_CAP: usize = 64 << 20;
@@ -89,6 +100,10 @@ impl Accumulator {
             head: super::chunk::Head::default(),
             template: super::chunk::Template::default(),
             template_choice: 0,
+            shape: super::chunk::Shape::default(),
+            shape_choice: 0,
+            shape_learns: 0,
+            shape_fills: 0,
             json: Vec::new(),
             json_cap: JSON_CAP,
             events: 0,
@@ -122,10 +137,17 @@ impl Accumulator {
         self.splitter.keep(rest);
     }
 
-    /// Hot path of traced streams: the events at the start of `b` that are the stream's
-    /// template chunk with another token of text ([`super::chunk::Template::fill_event`]),
-    /// each added to the template's choice as [`Self::on_event`] would. Returns the rest.
-    fn fill_events<'a>(&mut self, mut b: &'a [u8]) -> &'a [u8] {
+    /// Hot path of traced streams: the events at the start of `b` that fit the stream's
+    /// template or shape, each added to its choice as [`Self::on_event`] would. Returns the
+    /// rest.
+    fn fill_events<'a>(&mut self, b: &'a [u8]) -> &'a [u8] {
+        let b = self.fill_template_events(b);
+        self.fill_shape_events(b)
+    }
+
+    /// The events at the start of `b` that are the stream's template chunk with another
+    /// token of text ([`super::chunk::Template::fill_event`]).
+    fn fill_template_events<'a>(&mut self, mut b: &'a [u8]) -> &'a [u8] {
         // The first fill stands apart so the choice is looked up only when one fits, and
         // once per run.
         let Some((text, len)) = self.template.fill_event(b) else {
@@ -138,6 +160,25 @@ impl Accumulator {
         while let Some((text, len)) = self.template.fill_event(b) {
             acc.push_text(text);
             self.events += 1;
+            b = b.get(len..).unwrap_or_default();
+        }
+        b
+    }
+
+    /// The events at the start of `b` that fit the stream's token chunk
+    /// ([`super::chunk::Shape::fill_event`]).
+    fn fill_shape_events<'a>(&mut self, mut b: &'a [u8]) -> &'a [u8] {
+        // The shape's choice exists: the chunk it was learned from was read into it.
+        let Some(acc) = self.choices.get_mut(&self.shape_choice) else {
+            return b;
+        };
+        while let Some((text, len)) =
+            self.shape
+                .fill_event(b, &mut acc.logprobs, &mut acc.token_ids)
+        {
+            acc.push_text(text);
+            self.events += 1;
+            self.shape_fills = self.shape_fills.saturating_add(1);
             b = b.get(len..).unwrap_or_default();
         }
         b
@@ -172,7 +213,7 @@ impl Accumulator {
         }
         let openai = matches!(self.flavor, Flavor::Chat | Flavor::Completions);
         // Before the whole event is checked as UTF-8: a template fill checks only its text.
-        if openai && self.fill_template(&e.data) {
+        if openai && (self.fill_template(&e.data) || self.fill_shape(&e.data)) {
             self.events += 1;
             return;
         }
@@ -201,6 +242,37 @@ impl Accumulator {
         true
     }
 
+    /// A chunk that fits the stream's shape adds its text, logprobs and token ids to the
+    /// shape's choice.
+    fn fill_shape(&mut self, data: &[u8]) -> bool {
+        let Some(acc) = self.choices.get_mut(&self.shape_choice) else {
+            return false;
+        };
+        let Some(text) = self.shape.fill(data, &mut acc.logprobs, &mut acc.token_ids) else {
+            return false;
+        };
+        acc.push_text(text);
+        self.shape_fills = self.shape_fills.saturating_add(1);
+        true
+    }
+
+    /// Learns `data` as the stream's shape while learning pays: at most two shapes more
+    /// than chunks that fitted one.
+    fn learn_shape(&mut self, data: &str, index: u64) {
+        if self.shape_learns > self.shape_fills.saturating_add(2) {
+            return;
+        }
+        self.shape_learns += 1;
+        if self.shape.learn(data) {
+            self.shape_choice = index;
+            // A token per chunk from here on: room for a short reply's ids and logprobs
+            // rather than growing from a few.
+            let acc = self.choice(index);
+            acc.token_ids.reserve(SHORT_REPLY);
+            acc.logprobs.reserve(SHORT_REPLY);
+        }
+    }
+
     /// Hot path of traced streams: an OpenAI chunk read into borrowed views
     /// ([`super::chunk::scan`]), so the common fields (ids, text deltas, finish reasons)
     /// cost no `Value` tree; only the structured parts that are present (tool calls,
@@ -215,6 +287,8 @@ impl Accumulator {
         if let Some((index, text)) = plain_text(&v, self.flavor) {
             self.template.learn(data, text);
             self.template_choice = index;
+        } else if let Some(index) = token_chunk(&v, self.flavor) {
+            self.learn_shape(data, index);
         }
         if self.response_id.is_none() {
             if let Some(id) = v.id {
@@ -752,6 +826,38 @@ fn plain_text<'a>(v: &super::chunk::Chunk<'a>, flavor: Flavor) -> Option<(u64, &
     Some((c.index.unwrap_or(0), text))
 }
 
+/// The choice of a chat chunk whose only effect, past the first chunk's `id` and `model`, is
+/// to add its delta's text and its logprobs and token ids (read in place) to that choice:
+/// vLLM's token chunk in a traced stream. Such a chunk can serve as a
+/// [`super::chunk::Shape`]; one with neither logprobs nor ids is [`plain_text`]'s.
+fn token_chunk(v: &super::chunk::Chunk<'_>, flavor: Flavor) -> Option<u64> {
+    let [c] = v.choices.as_deref()? else {
+        return None;
+    };
+    let d = c.delta.as_ref()?;
+    let in_place = |r: &Option<Read<'_, _>>| matches!(r, None | Some(Read::Values(_)));
+    let ids_in_place = |r: &Option<Read<'_, i64>>| matches!(r, None | Some(Read::Values(_)));
+    if flavor != Flavor::Chat
+        || v.usage.is_some()
+        || v.prompt_token_ids.is_some()
+        || c.prompt_token_ids.is_some()
+        || c.text.is_some()
+        || c.finish_reason.is_some()
+        || d.role.is_some()
+        || d.reasoning_content.is_some()
+        || d.reasoning.is_some()
+        || d.tool_calls.is_some()
+        || d.content.is_none()
+        || !in_place(&c.logprobs)
+        || !ids_in_place(&c.token_ids)
+        || !ids_in_place(&d.token_ids)
+        || (c.logprobs.is_none() && c.token_ids.is_none() && d.token_ids.is_none())
+    {
+        return None;
+    }
+    Some(c.index.unwrap_or(0))
+}
+
 fn raw_value(raw: Option<&str>) -> Option<Value> {
     serde_json::from_str(raw?).ok()
 }
@@ -1046,6 +1152,157 @@ mod tests {
         }
     }
 
+    /// vLLM's token chunk (text, logprobs with top logprobs, token ids) of a traced stream.
+    fn token(index: u32, i: u32, text: &str) -> String {
+        format!(
+            r#"{{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":{index},"delta":{{"content":"{text}"}},"logprobs":{{"content":[{{"token":"{text}","logprob":-0.{i}5,"bytes":[32,{i}],"top_logprobs":[{{"token":"x","logprob":-{i}.5e-1,"bytes":[120]}}]}}]}},"finish_reason":null,"token_ids":[{i}00]}}]}}"#
+        )
+    }
+
+    /// What the general path alone reads from SSE bytes: the splitter's events, each parsed
+    /// into a `Value`, as [`Accumulator::on_event`] falls back to.
+    fn general_of_sse(stream: &[u8]) -> Accumulator {
+        let mut general = Accumulator::new(Flavor::Chat);
+        let mut splitter = SseSplitter::new();
+        splitter.feed(stream, |e| {
+            if *e.data == *b"[DONE]" || e.data.is_empty() {
+                return;
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(&e.text()) {
+                general.on_openai_chunk(&v);
+                general.events += 1;
+            }
+        });
+        general
+    }
+
+    #[test]
+    fn token_chunks_fit_the_shape_and_read_as_the_full_parse_does() {
+        let first = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null,"token_ids":[]}],"prompt_token_ids":[1,2,3]}"#;
+        let two_tokens = token(0, 7, "ab").replace(
+            r#"{"token":"ab""#,
+            r#"{"token":"a","logprob":-1,"bytes":[97],"top_logprobs":[]},{"token":"b""#,
+        );
+        let chunks = [
+            first.to_string(),
+            token(0, 1, " Hel"),
+            token(0, 2, "lo"),
+            token(0, 3, ""),
+            token(0, 4, r#" \"q\""#),
+            token(0, 5, " é😀"),
+            token(0, 6, r"a\tb"),
+            token(0, 7, "a\tb"),
+            two_tokens,
+            token(0, 8, " x").replace("[800]", "[]"),
+            token(0, 9, " y").replace("[900]", "[9,10]"),
+            token(0, 1, " z").replace("-0.15", "-0.0"),
+            token(1, 2, "other"),
+            token(1, 3, " choice"),
+            token(0, 4, " back"),
+            token(0, 5, " end").replace("null,", r#""stop","#),
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":14,"total_tokens":17}}"#.into(),
+        ];
+        let all: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let (fast, general) = both_paths(&all);
+        assert_same(&fast, &general, "token stream");
+        // The others change the shape (an escape, two entries, an empty `token_ids`, another
+        // choice) or end the stream; the shape is learned again after each.
+        assert_eq!(fast.shape_fills, 6, "lo, empty, é😀, y, z, choice");
+        assert_eq!(
+            msg(&fast.choices()[0])["content"],
+            " Hello \"q\" é😀a\tbab x y z back end"
+        );
+        assert_eq!(fast.choices()[0].output_token_ids.len(), 12);
+
+        // A stream whose token chunks never fit (each has its own `created`) stops learning.
+        let mut acc = Accumulator::new(Flavor::Chat);
+        for i in 0..50 {
+            let c = token(0, 1, "t").replace(r#""created":1"#, &format!(r#""created":{i}"#));
+            acc.on_event(&SseEvent {
+                event: None,
+                data: c.as_bytes().into(),
+            });
+        }
+        assert_eq!((acc.shape_learns, acc.shape_fills, acc.events), (3, 0, 50));
+
+        // As SSE: whole (token events taken by `fill_events`), byte by byte, and cut in two
+        // anywhere.
+        let stream: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| {
+                format!(
+                    "data: {c}
+
+"
+                )
+                .into_bytes()
+            })
+            .chain(
+                b"data: [DONE]
+
+"
+                .iter()
+                .copied(),
+            )
+            .collect();
+        let general = general_of_sse(&stream);
+        let mut whole = Accumulator::new(Flavor::Chat);
+        whole.feed_sse(&stream);
+        assert_same(&whole, &general, "whole");
+        assert_eq!(whole.shape_fills, 6);
+        let mut bytes = Accumulator::new(Flavor::Chat);
+        for b in stream.chunks(1) {
+            bytes.feed_sse(b);
+        }
+        assert_same(&bytes, &general, "byte by byte");
+        for cut in 0..=stream.len() {
+            let mut two = Accumulator::new(Flavor::Chat);
+            two.feed_sse(&stream[..cut]);
+            two.feed_sse(&stream[cut..]);
+            assert_same(&two, &general, &format!("cut at {cut}"));
+        }
+
+        // Every one-byte edit of a token chunk after the one the shape was learned from:
+        // read exactly as the full parse reads it, as an event and in an SSE stream.
+        let edits = [
+            None,
+            Some(b' '),
+            Some(b'"'),
+            Some(b'\\'),
+            Some(b'\n'),
+            Some(b'}'),
+            Some(b']'),
+            Some(b','),
+            Some(b'0'),
+            Some(b'-'),
+            Some(b'e'),
+            Some(b'.'),
+            Some(b'n'),
+        ];
+        let learned = token(0, 1, " a");
+        let next = token(0, 2, " b");
+        let mut fits = 0;
+        for i in 0..next.len() {
+            for edit in edits {
+                let mut b = next.as_bytes().to_vec();
+                match edit {
+                    None => drop(b.remove(i)),
+                    Some(x) => b[i] = x,
+                }
+                let text = String::from_utf8(b).unwrap();
+                let (fast, general) = both_paths(&[first, &learned, &text]);
+                assert_same(&fast, &general, &text);
+                fits += fast.shape_fills;
+                let stream = format!("data: {first}\n\ndata: {learned}\n\ndata: {text}\n\n");
+                let mut sse = Accumulator::new(Flavor::Chat);
+                sse.feed_sse(stream.as_bytes());
+                assert_same(&sse, &general_of_sse(stream.as_bytes()), &text);
+            }
+        }
+        // Edits inside values (digits, signs, exponents) still fit.
+        assert!(fits > 100, "only {fits} edited chunks fitted");
+    }
+
     /// A stream fed in one chunk (template events taken whole by `fill_events`), byte by
     /// byte (every event through the splitter) and event by event reads the same.
     #[test]
@@ -1199,6 +1456,10 @@ mod tests {
             "7",
             "[1,]",
             "[01]",
+            "[-10,1234567890123456789]",
+            "[9999999999999999999]",
+            "[-9223372036854775809]",
+            "[18446744073709551616]",
         ];
         let mut declined = 0;
         for raw in token_ids {
@@ -1218,7 +1479,7 @@ mod tests {
                 assert_eq!(read, general, "{raw}");
             }
         }
-        assert_eq!(declined, 11);
+        assert_eq!(declined, 14);
 
         // Every one-byte edit of the common shapes: read as the `Value` path reads, or
         // declined (never accepted where serde_json rejects).

@@ -12,6 +12,9 @@
 
 use std::borrow::Cow;
 
+mod shape;
+pub use shape::Shape;
+
 /// A chunk's fields, as far as a trace needs them.
 #[derive(Debug, Default, PartialEq)]
 pub struct Chunk<'a> {
@@ -320,19 +323,32 @@ impl<'a> Scanner<'a> {
         (self.i == self.b.len()).then_some(())
     }
 
-    /// A number's text, checked against the grammar.
-    fn number_text(&mut self) -> Option<&'a str> {
-        self.ws();
-        let start = self.i;
-        self.number()?;
-        self.src.get(start..self.i)
+    /// A scanner over bytes not known to be UTF-8, for [`Shape`]'s holes: it reads numbers
+    /// and punctuation, which are ASCII; anything that would borrow text declines, as its
+    /// text is empty.
+    fn over_bytes(b: &'a [u8]) -> Self {
+        Self { src: "", b, i: 0 }
+    }
+
+    /// The text of the bytes from `start` to the position, which a number's grammar has
+    /// checked to be ASCII.
+    fn ascii_since(&self, start: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.b.get(start..self.i)?).ok()
     }
 
     /// A number as `f64`. The standard parse is correctly rounded, as serde_json's is with
     /// `float_roundtrip` (on in Cargo.toml), integers included; [`Self::number`] declined
     /// what is out of range.
     fn f64(&mut self) -> Option<f64> {
-        self.number_text()?.parse().ok()
+        self.ws();
+        self.f64_here()
+    }
+
+    /// [`Self::f64`] at the position, with no whitespace before it.
+    fn f64_here(&mut self) -> Option<f64> {
+        let start = self.i;
+        self.number()?;
+        self.ascii_since(start)?.parse().ok()
     }
 
     /// A choice's `logprobs` object: each `logprob` of `content` (chat) appended, else the
@@ -402,6 +418,14 @@ impl<'a> Scanner<'a> {
 
     /// An array of integers that fit `i64`, appended; declines anything else.
     fn ids(&mut self, out: &mut Vec<i64>) -> Option<()> {
+        // The usual array has no whitespace in it: read without looking for any.
+        self.ws();
+        let (at, len) = (self.i, out.len());
+        if self.tight_ints(|id| out.push(id)).is_some() {
+            return Some(());
+        }
+        self.i = at;
+        out.truncate(len);
         self.array(|s| {
             let id = s.integer()?;
             out.push(id);
@@ -409,34 +433,68 @@ impl<'a> Scanner<'a> {
         })
     }
 
+    /// An array of integers that fit `i64` at the position, with no whitespace in it
+    /// (vLLM writes none), each given to `each`.
+    fn tight_ints(&mut self, mut each: impl FnMut(i64)) -> Option<()> {
+        if self.b.get(self.i) != Some(&b'[') {
+            return None;
+        }
+        self.i += 1;
+        if self.b.get(self.i) == Some(&b']') {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            each(self.integer_here()?);
+            match self.b.get(self.i) {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
     /// An integer that fits `i64`, read in one pass. Declines a fraction or exponent (a
     /// float, which the general path skips as an id), `-0` (serde_json reads it as -0.0),
     /// leading zeros and overflow.
     fn integer(&mut self) -> Option<i64> {
         self.ws();
-        let negative = self.b.get(self.i) == Some(&b'-');
+        self.integer_here()
+    }
+
+    /// [`Self::integer`] at the position, with no whitespace before it.
+    fn integer_here(&mut self) -> Option<i64> {
+        let b = self.b;
+        let mut i = self.i;
+        let negative = b.get(i) == Some(&b'-');
         if negative {
-            self.i += 1;
+            i += 1;
         }
-        let start = self.i;
-        // Accumulated negative, so that i64::MIN fits.
-        let mut n: i64 = 0;
-        while let Some(&d) = self.b.get(self.i).filter(|d| d.is_ascii_digit()) {
-            n = n.checked_mul(10)?.checked_sub(i64::from(d - b'0'))?;
-            self.i += 1;
+        let start = i;
+        // Up to 19 digits fit `u64` exactly, and more never fit `i64`: no checked step per
+        // digit (token ids come by the thousand in a long prompt's `prompt_token_ids`).
+        let mut n: u64 = 0;
+        while let Some(d) = b.get(i).map(|d| d.wrapping_sub(b'0')).filter(|d| *d <= 9) {
+            n = n.wrapping_mul(10).wrapping_add(u64::from(d));
+            i += 1;
         }
-        let len = self.i - start;
+        let len = i - start;
         if len == 0
-            || (len > 1 && self.b[start] == b'0')
-            || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E'))
+            || len > 19
+            || (len > 1 && b[start] == b'0')
+            || matches!(b.get(i), Some(b'.' | b'e' | b'E'))
             || (negative && n == 0)
         {
             return None;
         }
+        self.i = i;
         if negative {
-            Some(n)
+            0i64.checked_sub_unsigned(n)
         } else {
-            n.checked_neg()
+            i64::try_from(n).ok()
         }
     }
 
@@ -612,7 +670,8 @@ impl<'a> Scanner<'a> {
             return Some(None);
         }
         let start = self.i;
-        let mut values = Vec::new();
+        // Room for a short prompt's ids without growing from nothing.
+        let mut values = Vec::with_capacity(16);
         if read(self, &mut values).is_some() {
             return Some(Some(Read::Values(values)));
         }
@@ -661,7 +720,7 @@ impl<'a> Scanner<'a> {
         let start = self.i;
         let could_overflow = self.number_grammar()?;
         if could_overflow {
-            let v: f64 = self.src.get(start..self.i)?.parse().ok()?;
+            let v: f64 = self.ascii_since(start)?.parse().ok()?;
             if !v.is_finite() {
                 return None;
             }

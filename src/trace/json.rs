@@ -78,7 +78,7 @@ pub fn write_record(out: &mut Vec<u8>, rec: &TraceRecord) {
     } else {
         b",\"stream\":false,\"status\":"
     });
-    uint(out, u64::from(*status));
+    int(out, u64::from(*status));
     out.extend_from_slice(b",\"error\":");
     opt_string(out, error.as_deref());
     out.push(b'}');
@@ -105,7 +105,7 @@ fn write_input(out: &mut Vec<u8>, input: &TraceInput) {
         }
     }
     out.extend_from_slice(b"\"prompt_token_ids\":");
-    value(out, prompt_token_ids);
+    ints(out, prompt_token_ids);
     out.push(b'}');
 }
 
@@ -141,7 +141,7 @@ fn write_output(out: &mut Vec<u8>, output: &TraceOutput) {
             && c.rollout_logprobs == *rollout_logprobs
         {
             out.extend_from_slice(b"{\"index\":");
-            uint(out, c.index);
+            int(out, c.index);
             out.push(b',');
             out.extend_from_within(top.clone());
             out.push(b'}');
@@ -161,7 +161,7 @@ fn write_choice(out: &mut Vec<u8>, c: &ChoiceOutput) {
         rollout_logprobs,
     } = c;
     out.extend_from_slice(b"{\"index\":");
-    uint(out, *index);
+    int(out, *index);
     out.push(b',');
     write_reply(
         out,
@@ -189,7 +189,7 @@ fn write_reply(
     out.extend_from_slice(b",\"finish_reason\":");
     opt_string(out, finish_reason.as_deref());
     out.extend_from_slice(b",\"output_token_ids\":");
-    value(out, output_token_ids);
+    ints(out, output_token_ids);
     out.extend_from_slice(b",\"rollout_logprobs\":");
     value(out, rollout_logprobs);
 }
@@ -238,14 +238,14 @@ fn write_tokens(out: &mut Vec<u8>, t: &Tokens) {
         cached,
     } = t;
     out.extend_from_slice(b"{\"prompt\":");
-    uint(out, *prompt);
+    int(out, *prompt);
     out.extend_from_slice(b",\"completion\":");
-    uint(out, *completion);
+    int(out, *completion);
     out.extend_from_slice(b",\"total\":");
-    uint(out, *total);
+    int(out, *total);
     if let Some(cached) = cached {
         out.extend_from_slice(b",\"cached\":");
-        uint(out, *cached);
+        int(out, *cached);
     }
     out.push(b'}');
 }
@@ -331,20 +331,23 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// An unsigned integer in decimal (what `fmt` writes, without its machinery: records have
-/// several, and `write!` costs a few hundred instructions each).
-fn uint(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// A list of integers (token ids: a long prompt has thousands, where serde's machinery cost
+/// about 60 instructions each).
+fn ints(out: &mut Vec<u8>, v: &[i64]) {
+    out.push(b'[');
+    for (k, &n) in v.iter().enumerate() {
+        if k > 0 {
+            out.push(b',');
         }
+        int(out, n);
     }
-    out.extend_from_slice(&digits[at..]);
+    out.push(b']');
+}
+
+/// An integer in decimal, as serde_json writes it (with `itoa`), without its machinery:
+/// records have several, and `write!` costs a few hundred instructions each.
+fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 #[cfg(test)]
@@ -373,7 +376,7 @@ mod tests {
             p = next;
         }
         edges.extend([p - 1, p, p + 1]);
-        for n in edges {
+        for &n in &edges {
             same_as_serde(&TraceRecord {
                 status: u16::try_from(n).unwrap_or(u16::MAX),
                 tokens: Tokens {
@@ -399,6 +402,30 @@ mod tests {
                 },
                 ..TraceRecord::default()
             });
+        }
+        // Token ids: lists of signed integers, empty or not.
+        let ids: Vec<i64> = edges
+            .iter()
+            .flat_map(|&n| [n as i64, (n as i64).wrapping_neg(), -((n / 3) as i64)])
+            .chain([i64::MIN, i64::MAX, -1, 0])
+            .collect();
+        for ids in [vec![], vec![7], ids] {
+            let mut rec = TraceRecord::default();
+            rec.input.prompt_token_ids = ids.clone();
+            rec.output.output_token_ids = ids.iter().rev().copied().collect();
+            rec.output.choices = vec![ChoiceOutput {
+                index: 0,
+                message: ReplyMessage {
+                    content: None,
+                    reasoning: None,
+                    role: "assistant".into(),
+                    tool_calls: vec![],
+                },
+                finish_reason: None,
+                output_token_ids: ids,
+                rollout_logprobs: None,
+            }];
+            same_as_serde(&rec);
         }
     }
 
