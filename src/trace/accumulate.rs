@@ -172,11 +172,11 @@ impl Accumulator {
         let Some(acc) = self.choices.get_mut(&self.shape_choice) else {
             return b;
         };
-        while let Some((text, len)) =
+        while let Some((filled, len)) =
             self.shape
                 .fill_event(b, &mut acc.logprobs, &mut acc.token_ids)
         {
-            acc.push_text(text);
+            acc.push_filled(filled);
             self.events += 1;
             self.shape_fills = self.shape_fills.saturating_add(1);
             b = b.get(len..).unwrap_or_default();
@@ -242,16 +242,16 @@ impl Accumulator {
         true
     }
 
-    /// A chunk that fits the stream's shape adds its text, logprobs and token ids to the
-    /// shape's choice.
+    /// A chunk that fits the stream's shape adds its text, logprobs, token ids and finish
+    /// reason to the shape's choice.
     fn fill_shape(&mut self, data: &[u8]) -> bool {
         let Some(acc) = self.choices.get_mut(&self.shape_choice) else {
             return false;
         };
-        let Some(text) = self.shape.fill(data, &mut acc.logprobs, &mut acc.token_ids) else {
+        let Some(filled) = self.shape.fill(data, &mut acc.logprobs, &mut acc.token_ids) else {
             return false;
         };
-        acc.push_text(text);
+        acc.push_filled(filled);
         self.shape_fills = self.shape_fills.saturating_add(1);
         true
     }
@@ -560,6 +560,15 @@ impl ChoiceAcc {
         }
         self.content.extend_from_slice(text);
         self.has_content = true;
+    }
+
+    /// The text and finish reason of a chunk that fitted the stream's shape (its logprobs
+    /// and ids are already in).
+    fn push_filled(&mut self, filled: super::chunk::Filled<'_>) {
+        self.push_text(filled.text);
+        if let Some(f) = filled.finish {
+            self.finish_reason = Some(f.to_owned());
+        }
     }
 
     /// A message or a delta: role, content, reasoning, tool calls (deltas carry their index;
@@ -1206,8 +1215,9 @@ mod tests {
         let (fast, general) = both_paths(&all);
         assert_same(&fast, &general, "token stream");
         // The others change the shape (an escape, two entries, an empty `token_ids`, another
-        // choice) or end the stream; the shape is learned again after each.
-        assert_eq!(fast.shape_fills, 6, "lo, empty, é😀, y, z, choice");
+        // choice) or are not a token's; the shape is learned again after each.
+        assert_eq!(fast.shape_fills, 7, "lo, empty, é😀, y, z, choice, end");
+        assert_eq!(fast.choices()[0].finish_reason.as_deref(), Some("stop"));
         assert_eq!(
             msg(&fast.choices()[0])["content"],
             " Hello \"q\" é😀a\tbab x y z back end"
@@ -1249,7 +1259,7 @@ mod tests {
         let mut whole = Accumulator::new(Flavor::Chat);
         whole.feed_sse(&stream);
         assert_same(&whole, &general, "whole");
-        assert_eq!(whole.shape_fills, 6);
+        assert_eq!(whole.shape_fills, 7);
         let mut bytes = Accumulator::new(Flavor::Chat);
         for b in stream.chunks(1) {
             bytes.feed_sse(b);

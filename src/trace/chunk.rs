@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 
 mod shape;
-pub use shape::Shape;
+pub use shape::{Filled, Shape};
 
 /// A chunk's fields, as far as a trace needs them.
 #[derive(Debug, Default, PartialEq)]

@@ -27,6 +27,8 @@ enum Hole {
     Logprob,
     /// `token_ids`: an array of integers, kept.
     Ids,
+    /// `finish_reason`: `null`, or a plain string, kept (the last token's chunk).
+    Finish,
     /// Another array of integers in the logprobs (`bytes`), not kept.
     Ints,
 }
@@ -36,11 +38,20 @@ enum Hole {
 pub struct Shape {
     text: Vec<u8>,
     /// Offsets in `text`, in order, and what each hole holds. A learned shape has exactly
-    /// one [`Hole::Text`] and at most one [`Hole::Ids`].
+    /// one [`Hole::Text`], at most one [`Hole::Ids`] and at most one [`Hole::Finish`].
     holes: Vec<(usize, Hole)>,
     /// `text` holds no line end, so a `data: ` line of a fitting chunk followed by a blank
     /// line is one whole event ([`Shape::fill_event`]).
     one_line: bool,
+}
+
+/// What a fitting chunk holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Filled<'a> {
+    /// The delta's text: UTF-8, as it was checked.
+    pub text: &'a [u8],
+    /// `finish_reason`, when it is not `null`.
+    pub finish: Option<&'a str>,
 }
 
 /// Longest chunk learned, and most holes: a token chunk is a few hundred bytes.
@@ -61,7 +72,7 @@ impl Shape {
         if data.len() > MAX_LEARNED {
             return false;
         }
-        let mut spans = Spans::new();
+        let mut spans = Spans::with_capacity(16);
         let mut s = Scanner::new(data);
         if top(&mut s, &mut spans).is_none() {
             return false;
@@ -72,9 +83,11 @@ impl Shape {
             || spans.len() > MAX_HOLES
             || count(Hole::Text) != 1
             || count(Hole::Ids) > 1
+            || count(Hole::Finish) > 1
         {
             return false;
         }
+        self.text.reserve(data.len());
         let mut at = 0;
         for (start, end, kind) in spans {
             self.text.extend_from_slice(&data.as_bytes()[at..start]);
@@ -92,22 +105,22 @@ impl Shape {
         self.holes.clear();
     }
 
-    /// The delta's text when `data` fits the shape, its logprobs appended to `logprobs` and
-    /// its token ids to `ids`. When it does not fit, both are left as they were.
+    /// What `data` holds when it fits the shape, its logprobs appended to `logprobs` and its
+    /// token ids to `ids`. When it does not fit, both are left as they were.
     pub fn fill<'a>(
         &self,
         data: &'a [u8],
         logprobs: &mut Vec<f64>,
         ids: &mut Vec<i64>,
-    ) -> Option<&'a [u8]> {
+    ) -> Option<Filled<'a>> {
         self.guarded(logprobs, ids, |lp, ids| {
-            let (text, end) = self.read(data, lp, ids)?;
-            (end == data.len()).then_some(text)
+            let (filled, end) = self.read(data, lp, ids)?;
+            (end == data.len()).then_some(filled)
         })
     }
 
     /// As [`Self::fill`], for a fitting chunk as one whole event at the start of `b`:
-    /// `data: `, the chunk, a blank line (`\n\n`). Returns the text and the event's length
+    /// `data: `, the chunk, a blank line (`\n\n`). Returns what it holds and the event's length
     /// with its blank line: the event [`SseSplitter`] would cut there, as no hole holds a
     /// line end and neither does the text around them.
     ///
@@ -117,16 +130,16 @@ impl Shape {
         b: &'a [u8],
         logprobs: &mut Vec<f64>,
         ids: &mut Vec<i64>,
-    ) -> Option<(&'a [u8], usize)> {
+    ) -> Option<(Filled<'a>, usize)> {
         if !self.one_line || self.holes.is_empty() {
             return None;
         }
         let data = b.strip_prefix(b"data: ")?;
         self.guarded(logprobs, ids, |lp, ids| {
-            let (text, end) = self.read(data, lp, ids)?;
+            let (filled, end) = self.read(data, lp, ids)?;
             data.get(end..)?
                 .starts_with(b"\n\n")
-                .then_some((text, b.len() - data.len() + end + 2))
+                .then_some((filled, b.len() - data.len() + end + 2))
         })
     }
 
@@ -147,33 +160,43 @@ impl Shape {
     }
 
     /// Reads the shape from the start of `data`: the text between holes compared, each
-    /// hole read. Returns the delta's text and where the shape ended.
+    /// hole read. Returns what the holes held and where the shape ended.
     fn read<'a>(
         &self,
         data: &'a [u8],
         logprobs: &mut Vec<f64>,
         ids: &mut Vec<i64>,
-    ) -> Option<(&'a [u8], usize)> {
+    ) -> Option<(Filled<'a>, usize)> {
         if self.holes.is_empty() {
             return None;
         }
         let mut s = Scanner::over_bytes(data);
         let mut at = 0;
-        let mut text: &[u8] = &[];
+        let mut filled = Filled {
+            text: &[],
+            finish: None,
+        };
         for &(off, kind) in &self.holes {
             s.fixed(self.text.get(at..off)?)?;
             at = off;
             match kind {
-                Hole::Text => text = s.plain_string()?,
+                Hole::Text => filled.text = s.plain_string()?,
                 Hole::Str => drop(s.plain_string()?),
                 Hole::Num => s.number()?,
                 Hole::Logprob => logprobs.push(s.f64_here()?),
                 Hole::Ids => s.tight_ints(|id| ids.push(id))?,
                 Hole::Ints => s.skip_tight_ints()?,
+                Hole::Finish => {
+                    if s.b.get(s.i) == Some(&b'n') {
+                        s.fixed(b"null")?;
+                    } else {
+                        filled.finish = Some(std::str::from_utf8(s.plain_string()?).ok()?);
+                    }
+                }
             }
         }
         s.fixed(self.text.get(at..)?)?;
-        Some((text, s.i))
+        Some((filled, s.i))
     }
 }
 
@@ -278,6 +301,7 @@ fn choice(s: &mut Scanner<'_>, spans: &mut Spans) -> Option<()> {
             })
         }
         "token_ids" => ids(s, spans),
+        "finish_reason" => hole(s, spans, Hole::Finish, |s| s.literal(b"null")),
         _ => s.skip(2),
     })
 }
@@ -323,11 +347,12 @@ mod tests {
 
     fn fill(shape: &Shape, data: &str) -> Option<(String, Vec<f64>, Vec<i64>)> {
         let (mut lp, mut ids) = (vec![9.0], vec![9]);
-        let Some(text) = shape.fill(data.as_bytes(), &mut lp, &mut ids) else {
+        let Some(filled) = shape.fill(data.as_bytes(), &mut lp, &mut ids) else {
             assert_eq!((lp, ids), (vec![9.0], vec![9]), "a miss appends nothing");
             return None;
         };
-        let text = String::from_utf8(text.to_vec()).unwrap();
+        assert_eq!(filled.finish, None);
+        let text = String::from_utf8(filled.text.to_vec()).unwrap();
         Some((text, lp[1..].to_vec(), ids[1..].to_vec()))
     }
 
@@ -340,7 +365,7 @@ mod tests {
         use Hole::*;
         assert_eq!(
             kinds,
-            [Text, Str, Logprob, Ints, Str, Num, Ints, Ids],
+            [Text, Str, Logprob, Ints, Str, Num, Ints, Finish, Ids],
             "{:?}",
             String::from_utf8_lossy(&shape.text)
         );
@@ -374,13 +399,20 @@ mod tests {
             ("[1234]", "null"),
             (r#""bytes":[32,116]"#, r#""bytes":[32,1e2]"#),
             ("\"index\":0", "\"index\":1"),
-            ("null,", "\"stop\","),
+            ("null,", r#""st\nop","#),
+            ("null,", "nul,"),
+            ("null,", "5,"),
         ] {
             let edited = CHUNK.replacen(from, to, 1);
             assert_ne!(edited, CHUNK, "{from}");
             assert_eq!(fill(&shape, &edited), None, "{edited}");
         }
         assert_eq!(fill(&shape, &format!("{CHUNK} ")), None);
+        // The last token's chunk: its finish reason is kept.
+        let (mut lp, mut ids) = (vec![], vec![]);
+        let last = CHUNK.replacen("null,", r#""stop","#, 1);
+        let filled = shape.fill(last.as_bytes(), &mut lp, &mut ids).unwrap();
+        assert_eq!((filled.text, filled.finish), (&b" tok"[..], Some("stop")));
         assert_eq!(fill(&shape, &CHUNK[..CHUNK.len() - 1]), None);
         let mut bad = CHUNK.replacen(" tok", "aZ", 1).into_bytes();
         let at = bad.iter().position(|&c| c == b'Z').unwrap();
@@ -427,9 +459,13 @@ mod tests {
         let event = |text: &str| format!("data: {}\n\n", CHUNK.replacen(" tok", text, 1));
         let two = format!("{}{}", event("de"), event("fg"));
         let (mut lp, mut ids) = (vec![], vec![]);
+        let text = Filled {
+            text: b"de",
+            finish: None,
+        };
         assert_eq!(
             shape.fill_event(two.as_bytes(), &mut lp, &mut ids),
-            Some((&b"de"[..], two.len() / 2))
+            Some((text, two.len() / 2))
         );
         assert_eq!((lp, ids), (vec![-0.25], vec![1234]));
         for other in [
