@@ -879,6 +879,57 @@ impl<'a> Scanner<'a> {
 mod tests {
     use super::*;
 
+    /// JSON's integer grammar and `i64`'s range, read the slow way.
+    fn reference_integer(s: &[u8]) -> Option<(i64, usize)> {
+        let sign = usize::from(s.first() == Some(&b'-'));
+        let len = s[sign..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let end = sign + len;
+        let digits = &s[sign..end];
+        if len == 0
+            || (len > 1 && digits[0] == b'0')
+            || matches!(s.get(end), Some(b'.' | b'e' | b'E'))
+            || (sign == 1 && digits.iter().all(|&c| c == b'0'))
+        {
+            return None;
+        }
+        let v: i64 = std::str::from_utf8(&s[..end]).ok()?.parse().ok()?;
+        Some((v, end))
+    }
+
+    #[test]
+    fn integers_read_as_json_and_i64_read_them() {
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        let numbers = (0..2000u64)
+            .chain([
+                9999, 10000, 99_999, 1_000_000, 9_999_999, 10_000_000, 12_345_678,
+            ])
+            .chain([99_999_999, 100_000_000, 123_456_789_012, i64::MAX as u64])
+            .chain([i64::MAX as u64 + 1, u64::MAX]);
+        for n in numbers {
+            for sign in ["", "-"] {
+                for lead in ["", "0"] {
+                    for tail in ["", ",", "]", ".5", "e3", "E", "x", "9", "\0", "é"] {
+                        cases.push(format!("{sign}{lead}{n}{tail}").into_bytes());
+                    }
+                }
+            }
+        }
+        for c in 0..=255u8 {
+            cases.push(vec![b'4', c, b']']);
+            cases.push(vec![c, b'4', b']']);
+        }
+        for case in cases {
+            let mut s = Scanner::over_bytes(&case);
+            let got = s.integer_here().map(|v| (v, s.i));
+            assert_eq!(
+                got,
+                reference_integer(&case),
+                "{:?}",
+                String::from_utf8_lossy(&case)
+            );
+        }
+    }
+
     #[test]
     fn find_stop_finds_the_first_stop_byte_at_every_offset() {
         for len in 0..40 {
