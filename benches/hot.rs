@@ -206,6 +206,20 @@ fn bench_sse_accumulation(c: &mut Criterion) {
     let chunks: Vec<&[u8]> = stream.chunks(1024).collect();
     g.throughput(Throughput::Elements(events));
     g.bench_function("chat_1000_events", |b| b.iter(|| accumulate(&chunks)));
+    // The same with a newline token in every eight (a reply with code or a list): its
+    // escaped text in the delta and the logprobs' token.
+    let escaped = sse_events(events, |i| {
+        let tok = if i % 8 == 7 {
+            "\\n".to_string()
+        } else {
+            format!(" tok{i}")
+        };
+        format!("{{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"q\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{tok}\"}},\"token_ids\":[{i}],\"logprobs\":{{\"content\":[{{\"token\":\"{tok}\",\"logprob\":-0.{i},\"bytes\":[32]}}]}},\"finish_reason\":null}}]}}")
+    });
+    let escaped_chunks: Vec<&[u8]> = escaped.chunks(1024).collect();
+    g.bench_function("chat_escaped_1000_events", |b| {
+        b.iter(|| accumulate(&escaped_chunks))
+    });
     // The plain shape (text deltas only, no logprobs or token ids), as benches/e2e's mock
     // and most chat servers send it when no logprobs are asked for.
     let plain = sse_events(events, |i| {

@@ -565,9 +565,9 @@ impl ChoiceAcc {
     /// The text and finish reason of a chunk that fitted the stream's shape (its logprobs
     /// and ids are already in).
     fn push_filled(&mut self, filled: super::chunk::Filled<'_>) {
-        self.push_text(filled.text);
-        if let Some(f) = filled.finish {
-            self.finish_reason = Some(f.to_owned());
+        self.push_text(&filled.text);
+        if filled.finish.is_some() {
+            self.finish_reason = filled.finish;
         }
     }
 
@@ -1214,9 +1214,12 @@ mod tests {
         let all: Vec<&str> = chunks.iter().map(String::as_str).collect();
         let (fast, general) = both_paths(&all);
         assert_same(&fast, &general, "token stream");
-        // The others change the shape (an escape, two entries, an empty `token_ids`, another
-        // choice) or are not a token's; the shape is learned again after each.
-        assert_eq!(fast.shape_fills, 7, "lo, empty, é😀, y, z, choice, end");
+        // The others change the shape (two entries, an empty `token_ids`, another choice) or
+        // are not a token's (invalid JSON); the shape is learned again after each change.
+        assert_eq!(
+            fast.shape_fills, 9,
+            "lo, empty, q, é😀, a\\tb, y, z, choice, end"
+        );
         assert_eq!(fast.choices()[0].finish_reason.as_deref(), Some("stop"));
         assert_eq!(
             msg(&fast.choices()[0])["content"],
@@ -1259,7 +1262,7 @@ mod tests {
         let mut whole = Accumulator::new(Flavor::Chat);
         whole.feed_sse(&stream);
         assert_same(&whole, &general, "whole");
-        assert_eq!(whole.shape_fills, 7);
+        assert_eq!(whole.shape_fills, 9);
         let mut bytes = Accumulator::new(Flavor::Chat);
         for b in stream.chunks(1) {
             bytes.feed_sse(b);

@@ -608,10 +608,10 @@ impl<'a> Scanner<'a> {
         let end = self.i;
         self.i += 1;
         // Quotes included: serde_json decodes escapes and surrogate pairs, and rejects lone
-        // surrogates, exactly as the full parse would.
-        serde_json::from_str::<String>(self.src.get(start - 1..end + 1)?)
-            .ok()
-            .map(Cow::Owned)
+        // surrogates, exactly as the full parse would. The bytes are checked as UTF-8 here,
+        // as a scanner over bytes ([`Shape`]'s) has not checked them.
+        let text = std::str::from_utf8(self.b.get(start - 1..end + 1)?).ok()?;
+        serde_json::from_str::<String>(text).ok().map(Cow::Owned)
     }
 
     fn literal(&mut self, word: &[u8]) -> Option<()> {

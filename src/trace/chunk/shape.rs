@@ -7,19 +7,20 @@
 //! scanning keys and dispatching on them was most of a chunk's cost (callgrind, traced S3L:
 //! about 5,000 instructions per chunk).
 //!
-//! Holes are read strictly: plain strings (no escape, no control character, valid UTF-8),
-//! numbers by the JSON grammar and within `f64`'s range, arrays of integers without
-//! whitespace. Anything else makes the chunk not fit; the caller then scans it, so a miss
+//! Holes are read strictly: strings as the scan reads them (valid UTF-8, escapes decoded by
+//! serde_json), numbers by the JSON grammar and within `f64`'s range, arrays of integers
+//! without whitespace. Anything else makes the chunk not fit; the caller then scans it, so a miss
 //! costs time, never correctness.
 
 use super::{checked_text, find_stop, Scanner};
+use std::borrow::Cow;
 
 /// What a hole of a [`Shape`] holds, and what a fill does with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hole {
-    /// The delta's `content`: a plain string, kept as the fill's text.
+    /// The delta's `content`: a string, kept as the fill's text.
     Text,
-    /// Another string of the logprobs (a token): a plain string, not kept.
+    /// Another string of the logprobs (a token): a string, not kept.
     Str,
     /// A number of the logprobs that is not kept (a top logprob).
     Num,
@@ -27,7 +28,7 @@ enum Hole {
     Logprob,
     /// `token_ids`: an array of integers, kept.
     Ids,
-    /// `finish_reason`: `null`, or a plain string, kept (the last token's chunk).
+    /// `finish_reason`: `null`, or a string, kept (the last token's chunk).
     Finish,
     /// Another array of integers in the logprobs (`bytes`), not kept.
     Ints,
@@ -48,10 +49,10 @@ pub struct Shape {
 /// What a fitting chunk holds.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Filled<'a> {
-    /// The delta's text: UTF-8, as it was checked.
-    pub text: &'a [u8],
+    /// The delta's text: UTF-8, as it was checked (borrowed unless it had escapes).
+    pub text: Cow<'a, [u8]>,
     /// `finish_reason`, when it is not `null`.
-    pub finish: Option<&'a str>,
+    pub finish: Option<String>,
 }
 
 /// Longest chunk learned, and most holes: a token chunk is a few hundred bytes.
@@ -173,15 +174,15 @@ impl Shape {
         let mut s = Scanner::over_bytes(data);
         let mut at = 0;
         let mut filled = Filled {
-            text: &[],
+            text: Cow::Borrowed(&[]),
             finish: None,
         };
         for &(off, kind) in &self.holes {
             s.fixed(self.text.get(at..off)?)?;
             at = off;
             match kind {
-                Hole::Text => filled.text = s.plain_string()?,
-                Hole::Str => drop(s.plain_string()?),
+                Hole::Text => filled.text = s.shape_string()?,
+                Hole::Str => drop(s.shape_string()?),
                 Hole::Num => s.number()?,
                 Hole::Logprob => logprobs.push(s.f64_here()?),
                 Hole::Ids => s.tight_ints(|id| ids.push(id))?,
@@ -190,7 +191,8 @@ impl Shape {
                     if s.b.get(s.i) == Some(&b'n') {
                         s.fixed(b"null")?;
                     } else {
-                        filled.finish = Some(std::str::from_utf8(s.plain_string()?).ok()?);
+                        let text = s.shape_string()?.into_owned();
+                        filled.finish = Some(String::from_utf8(text).ok()?);
                     }
                 }
             }
@@ -207,19 +209,23 @@ impl<'a> Scanner<'a> {
         (self.b.get(self.i..end)? == part).then(|| self.i = end)
     }
 
-    /// A string of plain characters at the position (see [`super::Template::fill`]),
-    /// checked as UTF-8.
-    fn plain_string(&mut self) -> Option<&'a [u8]> {
+    /// A string at the position, checked as UTF-8: borrowed when it is a run of plain
+    /// characters (see [`super::Template::fill`]), else decoded as the scan decodes it.
+    /// Tokens with a newline or a quote are common in a reply (code, lists), and each such
+    /// chunk scanned and learned again cost about three filled ones.
+    fn shape_string(&mut self) -> Option<Cow<'a, [u8]>> {
         let start = self.i + 1;
         if self.b.get(self.i) != Some(&b'"') {
             return None;
         }
         let n = find_stop(self.b.get(start..)?)?;
         if self.b.get(start + n) != Some(&b'"') {
-            return None;
+            self.i = start + n;
+            let text = self.escaped_string(start)?;
+            return Some(Cow::Owned(text.into_owned().into_bytes()));
         }
         self.i = start + n + 1;
-        checked_text(self.b.get(start..start + n)?)
+        checked_text(self.b.get(start..start + n)?).map(Cow::Borrowed)
     }
 
     /// An array of integers at the position whose values are not kept (logprobs' `bytes`),
@@ -352,7 +358,7 @@ mod tests {
             return None;
         };
         assert_eq!(filled.finish, None);
-        let text = String::from_utf8(filled.text.to_vec()).unwrap();
+        let text = String::from_utf8(filled.text.into_owned()).unwrap();
         Some((text, lp[1..].to_vec(), ids[1..].to_vec()))
     }
 
@@ -383,9 +389,18 @@ mod tests {
             fill(&shape, &other),
             Some(("é 😀".into(), vec![-1.5e-7], vec![-3, i64::MAX]))
         );
+        // Escapes are decoded, as the scan decodes them.
+        let escaped = CHUNK.replace(" tok", r#"a\n\"b\" \u00e9\ud83d\ude00"#);
+        assert_eq!(
+            fill(&shape, &escaped),
+            Some(("a\n\"b\" é😀".into(), vec![-0.25], vec![1234]))
+        );
         for (from, to) in [
-            (r#"" tok""#, r#""a\nb""#),
             (r#"" tok""#, "\"a\tb\""),
+            (r#"" tok""#, r#""a\xb""#),
+            (r#"" tok""#, r#""\ud800""#),
+            (r#"" tok""#, r#""a\u00e""#),
+            (r#"" tok""#, r#""a\""#),
             (r#"" tok""#, "5"),
             ("-0.25", "-0.25e999"),
             ("-0.25", "- 0.25"),
@@ -399,7 +414,6 @@ mod tests {
             ("[1234]", "null"),
             (r#""bytes":[32,116]"#, r#""bytes":[32,1e2]"#),
             ("\"index\":0", "\"index\":1"),
-            ("null,", r#""st\nop","#),
             ("null,", "nul,"),
             ("null,", "5,"),
         ] {
@@ -412,7 +426,11 @@ mod tests {
         let (mut lp, mut ids) = (vec![], vec![]);
         let last = CHUNK.replacen("null,", r#""stop","#, 1);
         let filled = shape.fill(last.as_bytes(), &mut lp, &mut ids).unwrap();
-        assert_eq!((filled.text, filled.finish), (&b" tok"[..], Some("stop")));
+        assert_eq!(&*filled.text, b" tok");
+        assert_eq!(filled.finish.as_deref(), Some("stop"));
+        let last = CHUNK.replacen("null,", r#""st\nop","#, 1);
+        let filled = shape.fill(last.as_bytes(), &mut lp, &mut ids).unwrap();
+        assert_eq!(filled.finish.as_deref(), Some("st\nop"));
         assert_eq!(fill(&shape, &CHUNK[..CHUNK.len() - 1]), None);
         let mut bad = CHUNK.replacen(" tok", "aZ", 1).into_bytes();
         let at = bad.iter().position(|&c| c == b'Z').unwrap();
@@ -460,7 +478,7 @@ mod tests {
         let two = format!("{}{}", event("de"), event("fg"));
         let (mut lp, mut ids) = (vec![], vec![]);
         let text = Filled {
-            text: b"de",
+            text: Cow::Borrowed(b"de"),
             finish: None,
         };
         assert_eq!(
