@@ -768,6 +768,97 @@ async fn stream_trace_concatenates_ids_logprobs_and_content_per_choice() {
     assert_eq!(stored_by_session(&db, "ep-42"), listed);
 }
 
+/// A long vLLM stream of one choice, a token per chunk as vLLM sends them for an RL rollout
+/// (logprobs with a top logprob and bytes, token ids, `usage: null`), a newline token in every
+/// seven, the last token with its finish reason, then the usage chunk. Returns the events and
+/// the content, ids and logprobs the trace must hold.
+fn vllm_token_stream(tokens: usize) -> (Vec<String>, String, Vec<i64>, Vec<f64>) {
+    let mut events = Vec::new();
+    let (mut content, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    let mut first = json!({"id": "chatcmpl-long", "object": "chat.completion.chunk",
+        "created": 1_700_000_000, "model": "Qwen/Q", "usage": null,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": null, "finish_reason": null}]});
+    first["prompt_token_ids"] = json!([11, 12, 13]);
+    events.push(sse(&first));
+    for k in 0..tokens {
+        let token = if k % 7 == 6 {
+            "\n".to_string()
+        } else {
+            format!(" w{k}")
+        };
+        let (id, lp) = (5000 + k as i64, -((k + 1) as f64) / 64.0);
+        let finish = if k + 1 == tokens {
+            json!("length")
+        } else {
+            Value::Null
+        };
+        events.push(sse(
+            &json!({"id": "chatcmpl-long", "object": "chat.completion.chunk",
+            "created": 1_700_000_000, "model": "Qwen/Q", "usage": null,
+            "choices": [{"index": 0, "delta": {"content": token},
+                "logprobs": {"content": [{"token": token, "logprob": lp,
+                    "bytes": token.as_bytes(),
+                    "top_logprobs": [{"token": "x", "logprob": lp - 1.0, "bytes": [120]}]}]},
+                "finish_reason": finish, "token_ids": [id]}]}),
+        ));
+        content.push_str(&token);
+        ids.push(id);
+        logprobs.push(lp);
+    }
+    events.push(sse(
+        &json!({"id": "chatcmpl-long", "object": "chat.completion.chunk",
+        "created": 1_700_000_000, "model": "Qwen/Q", "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": tokens + 3}}),
+    ));
+    events.push("data: [DONE]\n\n".into());
+    (events, content, ids, logprobs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_vllm_stream_is_traced_token_for_token_however_it_is_cut() {
+    let (events, content, ids, logprobs) = vllm_token_stream(60);
+    // Whole events three to a network chunk (read in place), and every event cut in two
+    // (each completed by the splitter).
+    let grouped: Vec<(Duration, Bytes)> = events
+        .chunks(3)
+        .map(|g| (ms(1), Bytes::from(g.concat())))
+        .collect();
+    for (how, chunks) in [("grouped", grouped), ("cut", cut_mid_event(&events))] {
+        let dir = TempDir::new("trace-long");
+        let db = dir.join("traces.db");
+        let mock = Mock::replying(Reply::sse(chunks));
+        let proxy = Proxy::start(&traced_config(&mock.url(), &sqlite_tracing("always", &db)));
+        let body = r#"{"model":"q","messages":[{"role":"user","content":"go"}],"stream":true}"#;
+
+        let got = post_ok(&proxy, "/v1/chat/completions", body).await;
+        assert_eq!(got, events.concat(), "{how}: relayed byte for byte");
+        flush_expecting(&proxy, 1).await;
+        let listed = admin_list(&proxy, "").await;
+        assert_eq!(listed.len(), 1, "{how}");
+        let rec = &listed[0];
+        assert_eq!(rec["trace_id"], "chatcmpl-long", "{how}");
+        assert_eq!(
+            rec["input"]["prompt_token_ids"],
+            json!([11, 12, 13]),
+            "{how}"
+        );
+        let choice = json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "length",
+            "output_token_ids": ids,
+            "rollout_logprobs": logprobs,
+        });
+        assert_eq!(rec["output"]["choices"], json!([choice]), "{how}");
+        assert_eq!(
+            rec["tokens"],
+            json!({"prompt": 3, "completion": 60, "total": 63}),
+            "{how}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_cut_midway_is_traced_with_error_and_partial_output() {
     let dir = TempDir::new("trace-cut");
