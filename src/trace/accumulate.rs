@@ -943,26 +943,10 @@ mod tests {
 
         // Every one-byte edit of every chunk: the fast path either declines it or reads it
         // exactly as the full parse does (it must never accept what serde_json rejects).
-        let edits = [
-            None,
-            Some(b' '),
-            Some(b'"'),
-            Some(b'\\'),
-            Some(b'{'),
-            Some(b'}'),
-            Some(b'['),
-            Some(b']'),
-            Some(b','),
-            Some(b':'),
-            Some(b'0'),
-            Some(b'-'),
-            Some(b'e'),
-            Some(b'n'),
-        ];
         let mut accepted = 0;
         for c in chunks {
             for i in (0..c.len()).filter(|&i| c.is_char_boundary(i) && c.as_bytes()[i].is_ascii()) {
-                for edit in edits {
+                for edit in EDITS {
                     let mut b = c.as_bytes().to_vec();
                     match edit {
                         None => drop(b.remove(i)),
@@ -986,6 +970,27 @@ mod tests {
         }
         assert!(accepted > 1000, "only {accepted} edited chunks were read");
     }
+
+    /// One-byte edits tried at every offset of a chunk: a deletion, whitespace, and the bytes
+    /// that change JSON's structure, strings and numbers.
+    const EDITS: [Option<u8>; 16] = [
+        None,
+        Some(b' '),
+        Some(b'"'),
+        Some(b'\\'),
+        Some(b'\n'),
+        Some(b'{'),
+        Some(b'}'),
+        Some(b'['),
+        Some(b']'),
+        Some(b','),
+        Some(b':'),
+        Some(b'0'),
+        Some(b'-'),
+        Some(b'e'),
+        Some(b'.'),
+        Some(b'n'),
+    ];
 
     /// A choice's message as it is written.
     fn msg(c: &ChoiceOutput) -> Value {
@@ -1078,20 +1083,9 @@ mod tests {
         // full parse reads it, whether the head still matches or not.
         // The same after a plain text chunk, whose template (the text around its content)
         // the edited chunk may or may not fit.
-        let edits = [
-            None,
-            Some(b' '),
-            Some(b'"'),
-            Some(b'\\'),
-            Some(b'\n'),
-            Some(b'}'),
-            Some(b']'),
-            Some(b','),
-            Some(b'0'),
-        ];
         let next = &chunks[1];
         for i in 0..next.len() {
-            for edit in edits {
+            for edit in EDITS {
                 let mut b = next.as_bytes().to_vec();
                 match edit {
                     None => drop(b.remove(i)),
@@ -1277,26 +1271,11 @@ mod tests {
 
         // Every one-byte edit of a token chunk after the one the shape was learned from:
         // read exactly as the full parse reads it, as an event and in an SSE stream.
-        let edits = [
-            None,
-            Some(b' '),
-            Some(b'"'),
-            Some(b'\\'),
-            Some(b'\n'),
-            Some(b'}'),
-            Some(b']'),
-            Some(b','),
-            Some(b'0'),
-            Some(b'-'),
-            Some(b'e'),
-            Some(b'.'),
-            Some(b'n'),
-        ];
         let learned = token(0, 1, " a");
         let next = token(0, 2, " b");
         let mut fits = 0;
         for i in 0..next.len() {
-            for edit in edits {
+            for edit in EDITS {
                 let mut b = next.as_bytes().to_vec();
                 match edit {
                     None => drop(b.remove(i)),

@@ -367,6 +367,22 @@ mod tests {
         );
     }
 
+    /// A choice with no text, only an index and token ids.
+    fn bare_choice(index: u64, output_token_ids: Vec<i64>) -> ChoiceOutput {
+        ChoiceOutput {
+            index,
+            message: ReplyMessage {
+                content: None,
+                reasoning: None,
+                role: "assistant".into(),
+                tool_calls: vec![],
+            },
+            finish_reason: None,
+            output_token_ids,
+            rollout_logprobs: None,
+        }
+    }
+
     #[test]
     fn writes_integers_as_serde_json_does() {
         let mut edges = vec![0, 1, 9, u64::MAX];
@@ -386,18 +402,7 @@ mod tests {
                     cached: Some(n),
                 },
                 output: TraceOutput {
-                    choices: vec![ChoiceOutput {
-                        index: n,
-                        message: ReplyMessage {
-                            content: None,
-                            reasoning: None,
-                            role: "assistant".into(),
-                            tool_calls: vec![],
-                        },
-                        finish_reason: None,
-                        output_token_ids: vec![],
-                        rollout_logprobs: None,
-                    }],
+                    choices: vec![bare_choice(n, vec![])],
                     ..TraceOutput::default()
                 },
                 ..TraceRecord::default()
@@ -413,18 +418,7 @@ mod tests {
             let mut rec = TraceRecord::default();
             rec.input.prompt_token_ids = ids.clone();
             rec.output.output_token_ids = ids.iter().rev().copied().collect();
-            rec.output.choices = vec![ChoiceOutput {
-                index: 0,
-                message: ReplyMessage {
-                    content: None,
-                    reasoning: None,
-                    role: "assistant".into(),
-                    tool_calls: vec![],
-                },
-                finish_reason: None,
-                output_token_ids: ids,
-                rollout_logprobs: None,
-            }];
+            rec.output.choices = vec![bare_choice(0, ids)];
             same_as_serde(&rec);
         }
     }
