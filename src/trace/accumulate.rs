@@ -944,29 +944,17 @@ mod tests {
         // Every one-byte edit of every chunk: the fast path either declines it or reads it
         // exactly as the full parse does (it must never accept what serde_json rejects).
         let mut accepted = 0;
-        for c in chunks {
-            for i in (0..c.len()).filter(|&i| c.is_char_boundary(i) && c.as_bytes()[i].is_ascii()) {
-                for edit in EDITS {
-                    let mut b = c.as_bytes().to_vec();
-                    match edit {
-                        None => drop(b.remove(i)),
-                        Some(x) => b[i] = x,
-                    }
-                    let Ok(text) = String::from_utf8(b) else {
-                        continue;
-                    };
-                    let mut fast = Accumulator::new(Flavor::Chat);
-                    if !fast.on_openai_fast(&text) {
-                        continue;
-                    }
-                    accepted += 1;
-                    let v: Value = serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("fast path accepted invalid JSON {text}: {e}"));
-                    let mut general = Accumulator::new(Flavor::Chat);
-                    general.on_openai_chunk(&v);
-                    assert_same_output(&fast, &general, &text);
-                }
+        for text in chunks.into_iter().flat_map(one_byte_edits) {
+            let mut fast = Accumulator::new(Flavor::Chat);
+            if !fast.on_openai_fast(&text) {
+                continue;
             }
+            accepted += 1;
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("fast path accepted invalid JSON {text}: {e}"));
+            let mut general = Accumulator::new(Flavor::Chat);
+            general.on_openai_chunk(&v);
+            assert_same_output(&fast, &general, &text);
         }
         assert!(accepted > 1000, "only {accepted} edited chunks were read");
     }
@@ -991,6 +979,22 @@ mod tests {
         Some(b'.'),
         Some(b'n'),
     ];
+
+    /// Every edit of [`EDITS`] at every ASCII byte of `s` that leaves UTF-8.
+    fn one_byte_edits(s: &str) -> impl Iterator<Item = String> + '_ {
+        (0..s.len())
+            .filter(|&i| s.as_bytes()[i].is_ascii())
+            .flat_map(move |i| {
+                EDITS.into_iter().filter_map(move |edit| {
+                    let mut b = s.as_bytes().to_vec();
+                    match edit {
+                        None => drop(b.remove(i)),
+                        Some(x) => b[i] = x,
+                    }
+                    String::from_utf8(b).ok()
+                })
+            })
+    }
 
     /// A choice's message as it is written.
     fn msg(c: &ChoiceOutput) -> Value {
@@ -1083,20 +1087,11 @@ mod tests {
         // full parse reads it, whether the head still matches or not.
         // The same after a plain text chunk, whose template (the text around its content)
         // the edited chunk may or may not fit.
-        let next = &chunks[1];
-        for i in 0..next.len() {
-            for edit in EDITS {
-                let mut b = next.as_bytes().to_vec();
-                match edit {
-                    None => drop(b.remove(i)),
-                    Some(x) => b[i] = x,
-                }
-                let text = String::from_utf8(b).unwrap();
-                let (fast, general) = both_paths(&[&chunks[0], &text]);
-                assert_same(&fast, &general, &text);
-                let (fast, general) = both_paths(&[&chunks[0], &chunks[1], &text]);
-                assert_same(&fast, &general, &text);
-            }
+        for text in one_byte_edits(&chunks[1]) {
+            let (fast, general) = both_paths(&[&chunks[0], &text]);
+            assert_same(&fast, &general, &text);
+            let (fast, general) = both_paths(&[&chunks[0], &chunks[1], &text]);
+            assert_same(&fast, &general, &text);
         }
     }
 
@@ -1274,22 +1269,14 @@ mod tests {
         let learned = token(0, 1, " a");
         let next = token(0, 2, " b");
         let mut fits = 0;
-        for i in 0..next.len() {
-            for edit in EDITS {
-                let mut b = next.as_bytes().to_vec();
-                match edit {
-                    None => drop(b.remove(i)),
-                    Some(x) => b[i] = x,
-                }
-                let text = String::from_utf8(b).unwrap();
-                let (fast, general) = both_paths(&[first, &learned, &text]);
-                assert_same(&fast, &general, &text);
-                fits += fast.shape_fills;
-                let stream = format!("data: {first}\n\ndata: {learned}\n\ndata: {text}\n\n");
-                let mut sse = Accumulator::new(Flavor::Chat);
-                sse.feed_sse(stream.as_bytes());
-                assert_same(&sse, &general_of_sse(stream.as_bytes()), &text);
-            }
+        for text in one_byte_edits(&next) {
+            let (fast, general) = both_paths(&[first, &learned, &text]);
+            assert_same(&fast, &general, &text);
+            fits += fast.shape_fills;
+            let stream = format!("data: {first}\n\ndata: {learned}\n\ndata: {text}\n\n");
+            let mut sse = Accumulator::new(Flavor::Chat);
+            sse.feed_sse(stream.as_bytes());
+            assert_same(&sse, &general_of_sse(stream.as_bytes()), &text);
         }
         // Edits inside values (digits, signs, exponents) still fit.
         assert!(fits > 100, "only {fits} edited chunks fitted");
