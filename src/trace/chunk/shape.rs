@@ -65,11 +65,10 @@ type Spans = Vec<(usize, usize, Hole)>;
 impl Shape {
     /// Learns `data`, a chat chunk whose only effect on a trace is to add its delta's
     /// `content` and, if present, its logprobs (`content` entries) and one `token_ids` to
-    /// one choice (the caller has read it and checked that). Returns whether it was
+    /// one choice, with a `null` finish reason (the caller has read it and checked that). Returns whether it was
     /// learned; otherwise the shape is left empty, fitting nothing.
     pub fn learn(&mut self, data: &str) -> bool {
-        self.text.clear();
-        self.holes.clear();
+        self.clear();
         if data.len() > MAX_LEARNED {
             return false;
         }
@@ -91,17 +90,23 @@ impl Shape {
         self.text.reserve(data.len());
         let mut at = 0;
         for (start, end, kind) in spans {
-            self.text.extend_from_slice(&data.as_bytes()[at..start]);
+            // Spans lie in order within `data` (the scanner's positions).
+            let Some(part) = data.as_bytes().get(at..start) else {
+                self.clear();
+                return false;
+            };
+            self.text.extend_from_slice(part);
             self.holes.push((self.text.len(), kind));
             at = end;
         }
-        self.text.extend_from_slice(&data.as_bytes()[at..]);
+        self.text
+            .extend_from_slice(data.as_bytes().get(at..).unwrap_or_default());
         self.one_line = memchr::memchr2(b'\n', b'\r', &self.text).is_none();
         true
     }
 
-    /// Forgets the learned chunk.
-    pub fn clear(&mut self) {
+    /// Forgets the learned chunk: it then fits nothing.
+    fn clear(&mut self) {
         self.text.clear();
         self.holes.clear();
     }
