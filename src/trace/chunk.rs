@@ -507,15 +507,22 @@ impl<'a> Scanner<'a> {
         }
         loop {
             item(self)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b']' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
+            if !self.more(b']')? {
+                return Some(());
             }
         }
+    }
+
+    /// After an element of an array or object: `true` past a comma (another follows),
+    /// `false` past `close` (the end); declines anything else.
+    #[inline]
+    fn more(&mut self, close: u8) -> Option<bool> {
+        let c = self.peek()?;
+        if c != b',' && c != close {
+            return None;
+        }
+        self.i += 1;
+        Some(c == b',')
     }
 
     fn ws(&mut self) {
@@ -544,13 +551,8 @@ impl<'a> Scanner<'a> {
             let key = self.key()?;
             self.eat(b':')?;
             field(self, key)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                return Some(());
             }
         }
     }
@@ -812,13 +814,8 @@ impl<'a> Scanner<'a> {
                 }
                 _ => self.skip(1),
             }?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some((c, head));
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                return Some((c, head));
             }
             key = self.key()?;
             self.eat(b':')?;

@@ -678,6 +678,9 @@ fn tracing_cost(
 mod tests {
     use super::*;
 
+    /// The raw-result fields of an `edge-traced` run whose 1,000 calls were all traced.
+    const ALL_TRACED: &str = r#","traces":1000,"traces_dropped":0"#;
+
     #[test]
     fn medians_and_extras() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
@@ -775,23 +778,11 @@ mod tests {
             s3(1, "direct", (0.2, 1.0), 0, ""),
             s3(1, "nginx", (0.4, 1.5), 20_000_000, ""),
             s3(1, "edge-api", (0.5, 2.0), 40_000_000, ""),
-            s3(
-                1,
-                "edge-traced",
-                (0.5, 2.0),
-                48_000_000,
-                r#","traces":1000,"traces_dropped":0"#,
-            ),
+            s3(1, "edge-traced", (0.5, 2.0), 48_000_000, ALL_TRACED),
             s3(2, "direct", (0.2, 1.0), 0, ""),
             s3(2, "nginx", (0.4, 1.5), 20_000_000, ""),
             s3(2, "edge-api", (0.5, 2.0), 44_000_000, ""),
-            s3(
-                2,
-                "edge-traced",
-                (0.6, 2.5),
-                50_000_000,
-                r#","traces":1000,"traces_dropped":0"#,
-            ),
+            s3(2, "edge-traced", (0.6, 2.5), 50_000_000, ALL_TRACED),
         ];
         let raw = parse_raw(&lines.join("\n")).unwrap();
         let r = build_report(&raw, 100.0);
@@ -927,24 +918,12 @@ mod tests {
             s3(1, "nginx", (0.4, 1.5), 20_000_000, ""),
             s3(1, "pingora-min", (0.4, 1.5), 30_000_000, ""),
             s3(1, "edge-api", (0.5, 2.0), 40_000_000, ""),
-            s3(
-                1,
-                "edge-traced",
-                (0.55, 2.25),
-                49_000_000,
-                r#","traces":1000,"traces_dropped":0"#,
-            ),
+            s3(1, "edge-traced", (0.55, 2.25), 49_000_000, ALL_TRACED),
             s3(1, "edge-pass", (0.4, 1.5), 30_000_000, ""),
             s3l(1, "direct", (0.3, 1.1), 0, ""),
             s3l(1, "nginx", (0.5, 1.6), 25_000_000, ""),
             s3l(1, "edge-api", (0.5, 2.0), 50_000_000, ""),
-            s3l(
-                1,
-                "edge-traced",
-                (0.6, 1.8),
-                60_000_000,
-                r#","traces":1000,"traces_dropped":0"#,
-            ),
+            s3l(1, "edge-traced", (0.6, 1.8), 60_000_000, ALL_TRACED),
         ]
     }
 
