@@ -150,15 +150,15 @@ impl Accumulator {
     fn fill_template_events<'a>(&mut self, mut b: &'a [u8]) -> &'a [u8] {
         // The first fill stands apart so the choice is looked up only when one fits, and
         // once per run.
-        let Some((text, len)) = self.template.fill_event(b) else {
+        let Some((filled, len)) = self.template.fill_event(b) else {
             return b;
         };
         let acc = self.choices.entry(self.template_choice).or_default();
-        acc.push_text(text);
+        acc.push_filled(filled);
         self.events += 1;
         b = b.get(len..).unwrap_or_default();
-        while let Some((text, len)) = self.template.fill_event(b) {
-            acc.push_text(text);
+        while let Some((filled, len)) = self.template.fill_event(b) {
+            acc.push_filled(filled);
             self.events += 1;
             b = b.get(len..).unwrap_or_default();
         }
@@ -234,11 +234,11 @@ impl Accumulator {
 
     /// A chunk that fits the stream's template adds its text to the template's choice.
     fn fill_template(&mut self, data: &[u8]) -> bool {
-        let Some(text) = self.template.fill(data) else {
+        let Some(filled) = self.template.fill(data) else {
             return false;
         };
         let acc = self.choice(self.template_choice);
-        acc.push_text(text);
+        acc.push_filled(filled);
         true
     }
 
@@ -284,8 +284,8 @@ impl Accumulator {
         let Some(v) = super::chunk::scan_after(data, &mut self.head) else {
             return false;
         };
-        if let Some((index, text)) = plain_text(&v, self.flavor) {
-            self.template.learn(data, text);
+        if let Some((index, text, null_finish_at)) = plain_text(&v, self.flavor) {
+            self.template.learn(data, text, null_finish_at);
             self.template_choice = index;
         } else if let Some(index) = token_chunk(&v, self.flavor) {
             self.learn_shape(data, index);
@@ -797,12 +797,15 @@ fn anthropic_usage(u: &Value, prev: Option<Tokens>) -> Tokens {
 /// Borrowed views of an OpenAI stream chunk (unknown fields skipped, structured parts kept
 /// raw until needed).
 /// A raw part as a value; `null` and absent are both `None`.
-/// The choice and text of a chunk whose only effect, past the first chunk's `id` and
-/// `model`, is to add that text to that choice: one choice with a text delta (or, for
-/// completions, a `text`) borrowed from the chunk, and nothing else that
+/// The choice, text and `null` finish reason's place of a chunk whose only effect, past the
+/// first chunk's `id` and `model`, is to add that text to that choice: one choice with a text
+/// delta (or, for completions, a `text`) borrowed from the chunk, and nothing else that
 /// [`Accumulator::on_openai_fast`] records. Such a chunk can serve as a
 /// [`super::chunk::Template`].
-fn plain_text<'a>(v: &super::chunk::Chunk<'a>, flavor: Flavor) -> Option<(u64, &'a str)> {
+fn plain_text<'a>(
+    v: &super::chunk::Chunk<'a>,
+    flavor: Flavor,
+) -> Option<(u64, &'a str, Option<usize>)> {
     use std::borrow::Cow::Borrowed;
     let [c] = v.choices.as_deref()? else {
         return None;
@@ -832,7 +835,7 @@ fn plain_text<'a>(v: &super::chunk::Chunk<'a>, flavor: Flavor) -> Option<(u64, &
         (None, Some(Borrowed(t)), Flavor::Completions) => t,
         _ => return None,
     };
-    Some((c.index.unwrap_or(0), text))
+    Some((c.index.unwrap_or(0), text, c.null_finish_at))
 }
 
 /// The choice of a chat chunk whose only effect, past the first chunk's `id` and `model`, is
@@ -1130,6 +1133,17 @@ mod tests {
             "Hello, wörld\n \"q\" é😀abackxyendtail"
         );
         assert_eq!(msg(&fast.choices()[1])["content"], "other choice!");
+
+        // The reply's last chunk fits the template with its finish reason; every one-byte
+        // edit of it reads as the full parse reads it, fitted or not.
+        let last = chat(0, "end").replace(r#""finish_reason":null"#, r#""finish_reason":"length""#);
+        let (fast, _) = both_paths(&[&chunks[0]]);
+        let filled = fast.template.fill(last.as_bytes()).unwrap();
+        assert_eq!(filled.finish.as_deref(), Some("length"));
+        for text in one_byte_edits(&last) {
+            let (fast, general) = both_paths(&[&chunks[0], &text]);
+            assert_same(&fast, &general, &text);
+        }
 
         // Completions: the varying string is `text`; a chat stream never reads `text`.
         let completion = |text: &str| {

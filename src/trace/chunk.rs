@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 
 mod shape;
-pub use shape::{Filled, Shape};
+pub use shape::Shape;
 
 /// A chunk's fields, as far as a trace needs them.
 #[derive(Debug, Default, PartialEq)]
@@ -61,6 +61,9 @@ pub struct Choice<'a> {
     pub logprobs: Option<Read<'a, f64>>,
     /// `finish_reason`.
     pub finish_reason: Option<Cow<'a, str>>,
+    /// Where a `null` `finish_reason` sits in the chunk: a [`Template`] learned from this
+    /// chunk also fits the reply's last chunk, which carries the reason there.
+    pub null_finish_at: Option<usize>,
 }
 
 /// A chat choice's `delta`.
@@ -78,6 +81,15 @@ pub struct Delta<'a> {
     pub tool_calls: Option<&'a str>,
     /// `token_ids` (vLLM).
     pub token_ids: Option<Read<'a, i64>>,
+}
+
+/// What a chunk that fits a [`Template`] or a [`Shape`] holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Filled<'a> {
+    /// The delta's text: UTF-8, as it was checked (borrowed unless it had escapes).
+    pub text: Cow<'a, [u8]>,
+    /// `finish_reason`, when it is not `null`.
+    pub finish: Option<String>,
 }
 
 /// Reads `data` (one event's payload); `None` when it is not a chunk of the expected shape.
@@ -133,6 +145,9 @@ pub fn scan_after<'a>(data: &'a str, head: &mut Head) -> Option<Chunk<'a>> {
 pub struct Template {
     before: Vec<u8>,
     after: Vec<u8>,
+    /// Where the choice's `null` `finish_reason` sits in `after`: a chunk with a string
+    /// there instead (the reply's last token) fits too, and reads as that reason.
+    finish: Option<usize>,
     /// Neither part holds a line end, so a `data: ` line of the template's chunk followed by
     /// a blank line is one whole event ([`Template::fill_event`]).
     one_line: bool,
@@ -143,8 +158,10 @@ const MAX_TEMPLATE: usize = 1024;
 
 impl Template {
     /// Makes `data` the template, around `value` (a string of `data`, borrowed by
-    /// [`scan`]). Leaves the template as it was when `value` does not lie in `data`.
-    pub fn learn(&mut self, data: &str, value: &str) {
+    /// [`scan`]), with the `null` finish reason the scan found at `null_finish_at`
+    /// ([`Choice::null_finish_at`] of `value`'s choice). Leaves the template as it was when
+    /// `value` does not lie in `data`.
+    pub fn learn(&mut self, data: &str, value: &str, null_finish_at: Option<usize>) {
         // The string's place, from its address: a borrowed value points into `data`.
         let Some(start) = (value.as_ptr() as usize).checked_sub(data.as_ptr() as usize) else {
             return;
@@ -164,47 +181,62 @@ impl Template {
         self.before.extend_from_slice(before.as_bytes());
         self.after.clear();
         self.after.extend_from_slice(after.as_bytes());
+        self.finish = null_finish_at
+            .and_then(|at| at.checked_sub(end))
+            .filter(|&at| after.as_bytes().get(at..at + 4) == Some(b"null"));
         let line_end = |t: &str| memchr::memchr2(b'\n', b'\r', t.as_bytes()).is_some();
         self.one_line = !line_end(before) && !line_end(after);
     }
 
-    /// The string in the template's place, when `data` fits the template: bytes that are
-    /// valid UTF-8 (the parts around them are the template's, valid text that ends and
-    /// starts with a quote). They come as bytes because the usual token of text is ASCII,
-    /// which a byte test proves; the UTF-8 validator cost about a hundred instructions for
-    /// each few-byte token (callgrind, traced S3).
-    pub fn fill<'a>(&self, data: &'a [u8]) -> Option<&'a [u8]> {
-        if self.before.is_empty()
-            || data.len() < self.before.len() + self.after.len()
-            || !data.starts_with(&self.before)
-            || !data.ends_with(&self.after)
-        {
-            return None;
-        }
-        let value = data.get(self.before.len()..data.len() - self.after.len())?;
-        if find_stop(value).is_some() {
-            return None;
-        }
-        checked_text(value)
+    /// What `data` holds when it fits the template: the string in the template's place, as
+    /// bytes that are valid UTF-8 (the parts around them are the template's, valid text that
+    /// ends and starts with a quote), and the finish reason, when the chunk has one where
+    /// the template's is `null`. The text comes as bytes because the usual token of text is
+    /// ASCII, which a byte test proves; the UTF-8 validator cost about a hundred instructions
+    /// for each few-byte token (callgrind, traced S3).
+    pub fn fill<'a>(&self, data: &'a [u8]) -> Option<Filled<'a>> {
+        let (filled, rest) = self.read(data)?;
+        rest.is_empty().then_some(filled)
     }
 
     /// The template's chunk as one whole event at the start of `b`: `data: `, the chunk, a
-    /// blank line (`\n\n`). Returns the string in the template's place (as [`Self::fill`])
-    /// and the event's length with its blank line. This is the event [`SseSplitter`] would
-    /// cut there, found without searching for the event's end: the string's closing quote
-    /// is the first stop byte after the template's first part, and neither part holds a
-    /// line end.
+    /// blank line (`\n\n`). Returns what it holds (as [`Self::fill`]) and the event's length
+    /// with its blank line. This is the event [`SseSplitter`] would cut there, found without
+    /// searching for the event's end: the string's closing quote is the first stop byte
+    /// after the template's first part, and neither part (nor a finish reason, a run of
+    /// plain characters) holds a line end.
     ///
     /// [`SseSplitter`]: crate::observe::sse::SseSplitter
-    pub fn fill_event<'a>(&self, b: &'a [u8]) -> Option<(&'a [u8], usize)> {
-        if !self.one_line || self.before.is_empty() {
+    pub fn fill_event<'a>(&self, b: &'a [u8]) -> Option<(Filled<'a>, usize)> {
+        if !self.one_line {
             return None;
         }
-        let data = b.strip_prefix(b"data: ")?.strip_prefix(&self.before[..])?;
+        let (filled, rest) = self.read(b.strip_prefix(b"data: ")?)?;
+        let rest = rest.strip_prefix(b"\n\n")?;
+        Some((filled, b.len() - rest.len()))
+    }
+
+    /// Reads the template from the start of `data`; returns what it held and the rest.
+    fn read<'a>(&self, data: &'a [u8]) -> Option<(Filled<'a>, &'a [u8])> {
+        if self.before.is_empty() {
+            return None;
+        }
+        let data = data.strip_prefix(&self.before[..])?;
         let end = find_stop(data)?;
         let (value, rest) = data.split_at(end);
-        let rest = rest.strip_prefix(&self.after[..])?.strip_prefix(b"\n\n")?;
-        Some((checked_text(value)?, b.len() - rest.len()))
+        let text = Cow::Borrowed(checked_text(value)?);
+        if let Some(rest) = rest.strip_prefix(&self.after[..]) {
+            return Some((Filled { text, finish: None }, rest));
+        }
+        // The reply's last chunk: a finish reason in place of the template's `null`.
+        let (head, tail) = self.after.split_at(self.finish?);
+        let rest = rest.strip_prefix(head)?.strip_prefix(b"\"")?;
+        let n = find_stop(rest)?;
+        let (reason, rest) = rest.split_at(n);
+        let rest = rest.strip_prefix(b"\"")?.strip_prefix(tail.get(4..)?)?;
+        let reason = std::str::from_utf8(reason).ok()?;
+        let finish = Some(reason.to_owned());
+        Some((Filled { text, finish }, rest))
     }
 }
 
@@ -850,7 +882,15 @@ impl<'a> Scanner<'a> {
                 let lp = s.read_or_raw(Self::logprobs)?;
                 once(&mut c.logprobs, &mut seen[5], lp)
             }
-            "finish_reason" => once(&mut c.finish_reason, &mut seen[6], s.opt_string()?),
+            "finish_reason" => {
+                s.ws();
+                let at = s.i;
+                let reason = s.opt_string()?;
+                if reason.is_none() {
+                    c.null_finish_at = Some(at);
+                }
+                once(&mut c.finish_reason, &mut seen[6], reason)
+            }
             _ => s.skip(2),
         })?;
         Some(c)
@@ -950,6 +990,20 @@ mod tests {
         }
     }
 
+    /// The text of a template fill that holds no finish reason.
+    fn fill_text(t: &Template, data: &[u8]) -> Option<Vec<u8>> {
+        let filled = t.fill(data)?;
+        assert_eq!(filled.finish, None);
+        Some(filled.text.into_owned())
+    }
+
+    /// [`fill_text`] of a whole event, with the event's length.
+    fn event_text(t: &Template, b: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let (filled, len) = t.fill_event(b)?;
+        assert_eq!(filled.finish, None);
+        Some((filled.text.into_owned(), len))
+    }
+
     #[test]
     fn a_template_is_filled_only_by_a_run_of_plain_characters() {
         let first = r#"{"choices":[{"delta":{"content":"abc"}}],"id":"x"}"#;
@@ -960,35 +1014,38 @@ mod tests {
         };
         let mut t = Template::default();
         assert_eq!(
-            t.fill(first.as_bytes()),
+            fill_text(&t, first.as_bytes()),
             None,
             "an empty template fits nothing"
         );
-        t.learn(first, text);
-        assert_eq!(t.fill(first.as_bytes()), Some(&b"abc"[..]));
+        t.learn(first, text, None);
+        assert_eq!(fill_text(&t, first.as_bytes()), Some(b"abc".to_vec()));
         let chunk =
             |s: &str| format!(r#"{{"choices":[{{"delta":{{"content":"{s}"}}}}],"id":"x"}}"#);
-        assert_eq!(t.fill(chunk("").as_bytes()), Some(&b""[..]));
+        assert_eq!(fill_text(&t, chunk("").as_bytes()), Some(b"".to_vec()));
         let fitted = chunk(" tok 😀 é");
-        assert_eq!(t.fill(fitted.as_bytes()), Some(" tok 😀 é".as_bytes()));
+        assert_eq!(
+            fill_text(&t, fitted.as_bytes()),
+            Some(" tok 😀 é".as_bytes().to_vec())
+        );
         let mut bad = chunk("aZ").into_bytes();
         let at = bad.iter().position(|&c| c == b'Z').unwrap();
         bad[at] = 0xff;
-        assert_eq!(t.fill(&bad), None, "a fill must be UTF-8");
+        assert_eq!(fill_text(&t, &bad), None, "a fill must be UTF-8");
         for stop in [r#"a\"b"#, r#"a\nb"#, "a\tb", "a\u{1}b", r#"","x":""#] {
-            assert_eq!(t.fill(chunk(stop).as_bytes()), None, "{stop:?}");
+            assert_eq!(fill_text(&t, chunk(stop).as_bytes()), None, "{stop:?}");
         }
         assert_eq!(
-            t.fill(br#"{"choices":[{"delta":{"content":"abc"}}],"id":"y"}"#),
+            fill_text(&t, br#"{"choices":[{"delta":{"content":"abc"}}],"id":"y"}"#),
             None
         );
-        assert_eq!(t.fill(br#"{"choices":[{"delta":{"content":""#), None);
+        assert_eq!(fill_text(&t, br#"{"choices":[{"delta":{"content":""#), None);
         // A string that is not part of the chunk, or not between quotes, is not learned.
         let mut t = Template::default();
-        t.learn(first, "abc");
-        assert_eq!(t.fill(first.as_bytes()), None);
-        t.learn(first, &first[3..9]);
-        assert_eq!(t.fill(first.as_bytes()), None);
+        t.learn(first, "abc", None);
+        assert_eq!(fill_text(&t, first.as_bytes()), None);
+        t.learn(first, &first[3..9], None);
+        assert_eq!(fill_text(&t, first.as_bytes()), None);
     }
 
     #[test]
@@ -1003,17 +1060,17 @@ mod tests {
         else {
             panic!("not borrowed");
         };
-        t.learn(first, text);
+        t.learn(first, text, None);
         let event = |s: &str| format!("data: {}\n\n", first.replace("abc", s));
         let two = format!("{}{}", event("de"), event("fg"));
         assert_eq!(
-            t.fill_event(two.as_bytes()),
-            Some((&b"de"[..], two.len() / 2))
+            event_text(&t, two.as_bytes()),
+            Some((b"de".to_vec(), two.len() / 2))
         );
         let e = event("😀 é");
         assert_eq!(
-            t.fill_event(e.as_bytes()),
-            Some(("😀 é".as_bytes(), e.len()))
+            event_text(&t, e.as_bytes()),
+            Some(("😀 é".as_bytes().to_vec(), e.len()))
         );
         for other in [
             event("a\\\"b"),                       // an escape
@@ -1024,18 +1081,91 @@ mod tests {
             event("ab").replace("\"x\"", "\"y\""),
             format!(": comment\n{}", event("ab")),
         ] {
-            assert_eq!(t.fill_event(other.as_bytes()), None, "{other:?}");
+            assert_eq!(event_text(&t, other.as_bytes()), None, "{other:?}");
         }
         let mut bad = event("aZ").into_bytes();
         let at = bad.iter().position(|&c| c == b'Z').unwrap();
         bad[at] = 0xff;
-        assert_eq!(t.fill_event(&bad), None, "a fill must be UTF-8");
+        assert_eq!(event_text(&t, &bad), None, "a fill must be UTF-8");
         // A template whose parts span lines is never read as one event.
         let spread = "{\"id\":\"x\",\n\"choices\":[{\"delta\":{\"content\":\"abc\"}}]}";
         let mut t = Template::default();
-        t.learn(spread, &spread[spread.find("abc").unwrap()..][..3]);
-        assert_eq!(t.fill(spread.as_bytes()), Some(&b"abc"[..]));
-        assert_eq!(t.fill_event(format!("data: {spread}\n\n").as_bytes()), None);
+        t.learn(spread, &spread[spread.find("abc").unwrap()..][..3], None);
+        assert_eq!(fill_text(&t, spread.as_bytes()), Some(b"abc".to_vec()));
+        assert_eq!(
+            event_text(&t, format!("data: {spread}\n\n").as_bytes()),
+            None
+        );
+    }
+
+    #[test]
+    fn a_template_reads_the_last_chunk_finish_reason_where_its_own_is_null() {
+        let chunk = |text: &str, reason: &str| {
+            format!(
+                r#"{{"id":"x","choices":[{{"index":0,"delta":{{"content":"{text}"}},"finish_reason" : {reason},"stop_reason":null}}]}}"#
+            )
+        };
+        let learned = |first: &str| {
+            let c = scan(first).unwrap();
+            let choice = &c.choices.as_ref().unwrap()[0];
+            let Some(Cow::Borrowed(text)) = choice.delta.as_ref().unwrap().content else {
+                panic!("not borrowed");
+            };
+            let mut t = Template::default();
+            t.learn(first, text, choice.null_finish_at);
+            t
+        };
+        let first = chunk("abc", "null");
+        let t = learned(&first);
+        let reason = |data: &str| {
+            t.fill(data.as_bytes())
+                .map(|f| (f.text.into_owned(), f.finish))
+        };
+        assert_eq!(reason(&first), Some((b"abc".to_vec(), None)));
+        assert_eq!(
+            reason(&chunk("de", r#""stop""#)),
+            Some((b"de".to_vec(), Some("stop".into())))
+        );
+        assert_eq!(
+            reason(&chunk("", r#""tool_calls""#)),
+            Some((Vec::new(), Some("tool_calls".into())))
+        );
+        let event = format!("data: {}\n\ndata: [DONE]\n\n", chunk("z", r#""length""#));
+        let (filled, len) = t.fill_event(event.as_bytes()).unwrap();
+        assert_eq!(filled.finish.as_deref(), Some("length"));
+        assert_eq!(&event[len..], "data: [DONE]\n\n");
+        // Anything but a run of plain characters is scanned instead (and read the same).
+        for other in [
+            chunk("de", r#""st\"op""#),
+            chunk("de", "\"st\nop\""),
+            chunk("de", "\"st\top\""),
+            chunk("de", "1"),
+            chunk("de", "nul"),
+            chunk("de", r#""stop"#),
+            chunk("de", r#""stop","#),
+            chunk("de", r#""stop""#).replace("stop_reason", "stop_reasons"),
+        ] {
+            assert_eq!(reason(&other), None, "{other}");
+        }
+        let mut bad = chunk("de", r#""sZop""#).into_bytes();
+        let at = bad.iter().position(|&c| c == b'Z').unwrap();
+        bad[at] = 0xff;
+        assert!(t.fill(&bad).is_none(), "a reason must be UTF-8");
+
+        // The `null` must be the choice's finish reason: another key's `null` is not a place
+        // for one, and neither is a template learned without a finish reason.
+        let other_key = first.replace(
+            r#""finish_reason" : null,"stop_reason":null"#,
+            r#""stop_reason":null"#,
+        );
+        let t = learned(&other_key);
+        let last = other_key.replace(r#""stop_reason":null"#, r#""stop_reason":"stop""#);
+        assert!(t.fill(last.as_bytes()).is_none());
+        let in_delta = r#"{"choices":[{"delta":{"content":"abc","finish_reason":null}}]}"#;
+        let t = learned(in_delta);
+        assert!(t
+            .fill(in_delta.replace("null", r#""stop""#).as_bytes())
+            .is_none());
     }
 
     #[test]
