@@ -264,7 +264,7 @@ fn accumulate(chunks: &[&[u8]]) -> usize {
     for ch in chunks {
         acc.feed_sse(black_box(ch));
     }
-    acc.choices().len()
+    acc.into_choices().len()
 }
 
 /// `stream` cut after every event (`\n\n`).

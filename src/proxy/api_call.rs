@@ -201,11 +201,12 @@ pub async fn handle(
         Some(&mut *obs),
     )
     .await;
+    if traced && ctx.upstream.is_some() && result.is_err() {
+        // Keep what arrived before the failure.
+        obs.finish();
+    }
+    let tokens = if ctx.attempts > 0 { obs.tokens() } else { None };
     if traced && ctx.upstream.is_some() {
-        if result.is_err() {
-            // Keep what arrived before the failure.
-            obs.finish();
-        }
         let model = ctx.model.clone().unwrap_or_default();
         let upstream_model = snap
             .routes
@@ -217,12 +218,11 @@ pub async fn handle(
             Err(_) if ctx.responded => ctx.status,
             Err(e) => e.status(),
         };
-        let request = obs.request.take();
         let rec = build_record(CallFacts {
             request_id: &ctx.request_id,
             api,
-            model: &model,
-            upstream_model: &upstream_model,
+            model,
+            upstream_model,
             upstream: ctx.upstream.as_deref().unwrap_or_default(),
             replica: ctx.replica.as_deref(),
             meta,
@@ -231,12 +231,12 @@ pub async fn handle(
             latency_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
             status,
             error: result.as_ref().err().map(|e| e.to_string()),
-            observer: Some(&obs),
-            request,
+            ttft: obs.ttft,
+            acc: obs.acc.take(),
+            request: obs.request.take(),
         });
         tracer.submit(rec);
     }
-    let tokens = if ctx.attempts > 0 { obs.tokens() } else { None };
     if let (Some(c), Some(t)) = (ctx.client.as_ref(), tokens.as_ref()) {
         crate::security::rate::charge_tokens(&c.usage, &c.limit, t.total);
     }

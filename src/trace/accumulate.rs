@@ -22,7 +22,7 @@ pub enum Flavor {
     Other,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ChoiceAcc {
     role: Option<String>,
     /// Reply text, UTF-8: pieces are pushed as checked text or as template fills, which are
@@ -509,29 +509,21 @@ impl Accumulator {
         })
     }
 
-    /// The accumulated choices, ordered by index.
-    pub fn choices(&self) -> Vec<ChoiceOutput> {
+    /// The accumulated choices, ordered by index, leaving the accumulator as it is.
+    #[cfg(test)]
+    fn choices(&self) -> Vec<ChoiceOutput> {
         self.choices
             .iter()
-            .map(|(index, c)| {
-                let message = ReplyMessage {
-                    content: (c.has_content || c.tool_calls.is_empty()).then(|| c.text()),
-                    reasoning: (!c.reasoning.is_empty()).then(|| c.reasoning.clone()),
-                    role: c.role.clone().unwrap_or_else(|| "assistant".into()),
-                    tool_calls: c.tool_calls.values().cloned().collect(),
-                };
-                ChoiceOutput {
-                    index: *index,
-                    message,
-                    finish_reason: c.finish_reason.clone(),
-                    output_token_ids: c.token_ids.clone(),
-                    rollout_logprobs: if c.logprobs.is_empty() {
-                        None
-                    } else {
-                        Some(c.logprobs.clone())
-                    },
-                }
-            })
+            .map(|(&index, c)| c.clone().into_output(index))
+            .collect()
+    }
+
+    /// The accumulated choices, ordered by index: their text, ids and logprobs move into
+    /// the record (a traced call's record takes them once the response has ended).
+    pub fn into_choices(self) -> Vec<ChoiceOutput> {
+        self.choices
+            .into_iter()
+            .map(|(index, c)| c.into_output(index))
             .collect()
     }
 }
@@ -546,10 +538,26 @@ impl ChoiceAcc {
 
     /// The reply text. The lossy decoder only runs if the pieces were not UTF-8 after all:
     /// it reads byte by byte, several times slower than the validator.
-    fn text(&self) -> String {
-        match std::str::from_utf8(&self.content) {
-            Ok(t) => t.to_string(),
-            Err(_) => String::from_utf8_lossy(&self.content).into_owned(),
+    fn into_text(content: Vec<u8>) -> String {
+        String::from_utf8(content)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    /// The choice as its record writes it.
+    fn into_output(self, index: u64) -> ChoiceOutput {
+        let message = ReplyMessage {
+            content: (self.has_content || self.tool_calls.is_empty())
+                .then(|| Self::into_text(self.content)),
+            reasoning: (!self.reasoning.is_empty()).then_some(self.reasoning),
+            role: self.role.unwrap_or_else(|| "assistant".into()),
+            tool_calls: self.tool_calls.into_values().collect(),
+        };
+        ChoiceOutput {
+            index,
+            message,
+            finish_reason: self.finish_reason,
+            output_token_ids: self.token_ids,
+            rollout_logprobs: (!self.logprobs.is_empty()).then_some(self.logprobs),
         }
     }
 

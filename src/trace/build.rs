@@ -2,7 +2,8 @@
 
 use super::accumulate::Flavor;
 use super::record::{TraceInput, TraceOutput, TraceRecord};
-use crate::proxy::forward::{ObservedRequest, Observer};
+use super::accumulate::Accumulator;
+use crate::proxy::forward::ObservedRequest;
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::shaping::body::TopLevel;
@@ -26,9 +27,9 @@ pub struct CallFacts<'a> {
     /// API endpoint.
     pub api: ApiEndpoint,
     /// Client model name.
-    pub model: &'a str,
+    pub model: String,
     /// Upstream model id.
-    pub upstream_model: &'a str,
+    pub upstream_model: String,
     /// Upstream name.
     pub upstream: &'a str,
     /// Replica used last.
@@ -45,8 +46,10 @@ pub struct CallFacts<'a> {
     pub status: u16,
     /// Error, if the call failed.
     pub error: Option<String>,
-    /// What was observed of the response.
-    pub observer: Option<&'a Observer>,
+    /// Time to the first response body chunk.
+    pub ttft: Option<std::time::Duration>,
+    /// The response as accumulated (taken: its text, ids and logprobs move into the record).
+    pub acc: Option<Accumulator>,
     /// The request's side, when the forwarder kept it (else `body` is parsed).
     pub request: Option<ObservedRequest>,
 }
@@ -99,8 +102,11 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
     let mut output = TraceOutput::default();
     let mut tokens = Default::default();
     let mut trace_id = None;
-    if let Some(acc) = f.observer.and_then(|o| o.acc.as_ref()) {
-        let choices = acc.choices();
+    if let Some(mut acc) = f.acc {
+        input.prompt_token_ids = acc.prompt_token_ids().unwrap_or_default();
+        tokens = acc.usage().unwrap_or_default();
+        trace_id = acc.response_id.take();
+        let choices = acc.into_choices();
         if let Some(c0) = choices.first() {
             output.message = Some(c0.message.clone());
             output.finish_reason = c0.finish_reason.clone();
@@ -108,9 +114,6 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
             output.rollout_logprobs = c0.rollout_logprobs.clone();
         }
         output.choices = choices;
-        input.prompt_token_ids = acc.prompt_token_ids().unwrap_or_default();
-        tokens = acc.usage().unwrap_or_default();
-        trace_id = acc.response_id.clone();
     }
     let mut metadata: Map<String, Value> = f.meta.metadata.clone().unwrap_or_default();
     if let Some(id) = &f.meta.session_id {
@@ -131,13 +134,10 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
         name: format!("proxy/{}", f.model),
         timestamp: f.timestamp,
         latency_ms: f.latency_ms,
-        ttft_ms: f
-            .observer
-            .and_then(|o| o.ttft)
-            .map(|d| d.as_secs_f64() * 1000.0),
+        ttft_ms: f.ttft.map(|d| d.as_secs_f64() * 1000.0),
         route: f.api.label().to_string(),
-        model: f.model.to_string(),
-        upstream_model: f.upstream_model.to_string(),
+        model: f.model,
+        upstream_model: f.upstream_model,
         upstream: f.upstream.to_string(),
         replica: f.replica.map(str::to_string),
         session_name: f.meta.session_name().map(str::to_string),
@@ -165,8 +165,8 @@ mod tests {
         build_record(CallFacts {
             request_id: "req_1",
             api: ApiEndpoint::ChatCompletions,
-            model: "m",
-            upstream_model: "m",
+            model: "m".into(),
+            upstream_model: "m".into(),
             upstream: "u",
             replica: None,
             meta: &meta,
@@ -175,7 +175,8 @@ mod tests {
             latency_ms: 0.0,
             status: 200,
             error: None,
-            observer: None,
+            ttft: None,
+            acc: None,
             request: None,
         })
     }
