@@ -8,9 +8,11 @@
 //! ids, client ids) and `-` for anything unknown. Never a request id, a raw path or a model
 //! name a client made up — each distinct value is a new series kept until the process exits.
 //!
-//! The recording methods are called from request hooks: a label lookup under a read lock and
-//! an atomic add, no allocation once a series exists, no I/O.
+//! The recording methods are called from request hooks: a label lookup (the families every
+//! call records into keep each thread's series, [`super::series`]; the others look up under a
+//! read lock) and an atomic add, no allocation once a series exists, no I/O.
 
+use super::series::CachedVec;
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -205,14 +207,14 @@ impl Drop for ActiveGuard {
 /// All llm-edge metric families, on a registry of their own.
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    request_duration: HistogramVec,
-    upstream_duration: HistogramVec,
-    upstream_ttfb: HistogramVec,
-    proxy_overhead: HistogramVec,
+    requests: CachedVec<IntCounterVec>,
+    request_duration: CachedVec<HistogramVec>,
+    upstream_duration: CachedVec<HistogramVec>,
+    upstream_ttfb: CachedVec<HistogramVec>,
+    proxy_overhead: CachedVec<HistogramVec>,
     active_requests: IntGauge,
     active_streams: IntGauge,
-    tokens: IntCounterVec,
+    tokens: CachedVec<IntCounterVec>,
     retries: IntCounterVec,
     failovers: IntCounterVec,
     key_state: IntGaugeVec,
@@ -305,10 +307,8 @@ fn gauge(vec: &IntGaugeVec, labels: &[&str]) -> Option<IntGauge> {
     vec.get_metric_with_label_values(labels).ok()
 }
 
-fn observe(vec: &HistogramVec, labels: &[&str], d: Duration) {
-    if let Ok(h) = vec.get_metric_with_label_values(labels) {
-        h.observe(d.as_secs_f64());
-    }
+fn observe(vec: &CachedVec<HistogramVec>, labels: &[&str], d: Duration) {
+    vec.with(labels, |h| h.observe(d.as_secs_f64()));
 }
 
 impl Metrics {
@@ -317,40 +317,40 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new();
         let m = Metrics {
-            requests: counter_vec(
+            requests: CachedVec::new(counter_vec(
                 &r,
                 "llm_edge_requests_total",
                 "Requests answered, by path kind, configured model, upstream and status class.",
                 &["kind", "model", "upstream", "status_class"],
-            ),
-            request_duration: histogram_vec(
+            )),
+            request_duration: CachedVec::new(histogram_vec(
                 &r,
                 "llm_edge_request_duration_seconds",
                 "Whole request time as the client sees it, from request start to last byte sent.",
                 &["kind", "upstream"],
                 LATENCY_BUCKETS,
-            ),
-            upstream_duration: histogram_vec(
+            )),
+            upstream_duration: CachedVec::new(histogram_vec(
                 &r,
                 "llm_edge_upstream_duration_seconds",
                 "Upstream exchange time, from request sent to last response byte received.",
                 &["upstream"],
                 LATENCY_BUCKETS,
-            ),
-            upstream_ttfb: histogram_vec(
+            )),
+            upstream_ttfb: CachedVec::new(histogram_vec(
                 &r,
                 "llm_edge_upstream_ttfb_seconds",
                 "Upstream time to first byte, from request sent to response header received.",
                 &["upstream"],
                 LATENCY_BUCKETS,
-            ),
-            proxy_overhead: histogram_vec(
+            )),
+            proxy_overhead: CachedVec::new(histogram_vec(
                 &r,
                 "llm_edge_proxy_overhead_seconds",
                 "Time spent in llm-edge itself, excluding the wait for the upstream.",
                 &["kind"],
                 OVERHEAD_BUCKETS,
-            ),
+            )),
             active_requests: register(
                 &r,
                 IntGauge::new("llm_edge_active_requests", "Requests in flight."),
@@ -362,12 +362,12 @@ impl Metrics {
                     "Streamed responses being relayed to clients.",
                 ),
             ),
-            tokens: counter_vec(
+            tokens: CachedVec::new(counter_vec(
                 &r,
                 "llm_edge_tokens_total",
                 "Tokens reported by upstreams; direction in = prompt, out = completion.",
                 &["direction", "model", "upstream", "key_id", "client"],
-            ),
+            )),
             retries: counter_vec(
                 &r,
                 "llm_edge_upstream_retries_total",
@@ -525,12 +525,8 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let kind = kind.as_str();
-        if let Some(c) = counter(
-            &self.requests,
-            &[kind, model, upstream, status_class(status)],
-        ) {
-            c.inc();
-        }
+        self.requests
+            .with(&[kind, model, upstream, status_class(status)], |c| c.inc());
         observe(&self.request_duration, &[kind, upstream], elapsed);
     }
 
@@ -567,9 +563,10 @@ impl Metrics {
             if n == 0 {
                 continue;
             }
-            if let Some(c) = counter(&self.tokens, &[direction, model, upstream, key_id, client]) {
-                c.inc_by(n);
-            }
+            self.tokens
+                .with(&[direction, model, upstream, key_id, client], |c| {
+                    c.inc_by(n)
+                });
         }
     }
 
@@ -765,18 +762,25 @@ mod tests {
         );
         m.record_request(RequestKind::Local, "-", "-", 204, Duration::from_micros(50));
         let get = |k: &str, model: &str, up: &str, class: &str| {
-            m.requests.with_label_values(&[k, model, up, class]).get()
+            m.requests
+                .family()
+                .with_label_values(&[k, model, up, class])
+                .get()
         };
         assert_eq!(get("api", "gpt", "openai", "2xx"), 2);
         assert_eq!(get("api", "gpt", "openai", "5xx"), 1);
         assert_eq!(get("local", "-", "-", "2xx"), 1);
-        let h = m.request_duration.with_label_values(&["api", "openai"]);
+        let h = m
+            .request_duration
+            .family()
+            .with_label_values(&["api", "openai"]);
         assert_eq!(h.get_sample_count(), 3);
 
         m.add_tokens("gpt", "openai", "k1", "team-a", 7, 0);
         m.add_tokens("gpt", "openai", "k1", "team-a", 3, 5);
         let tok = |dir: &str| {
             m.tokens
+                .family()
                 .with_label_values(&[dir, "gpt", "openai", "k1", "team-a"])
                 .get()
         };
@@ -806,6 +810,7 @@ mod tests {
         assert_eq!(
             other
                 .requests
+                .family()
                 .with_label_values(&["api", "gpt", "openai", "2xx"])
                 .get(),
             0

@@ -3,6 +3,7 @@
 pub mod access_log;
 pub mod ledger;
 pub mod metrics;
+pub mod series;
 pub mod sse;
 pub mod usage;
 

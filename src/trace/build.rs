@@ -1,8 +1,8 @@
 //! Turns what a call did into its trace record (a plain function: unit-tested without a server).
 
+use super::accumulate::Accumulator;
 use super::accumulate::Flavor;
 use super::record::{TraceInput, TraceOutput, TraceRecord};
-use super::accumulate::Accumulator;
 use crate::proxy::forward::ObservedRequest;
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
