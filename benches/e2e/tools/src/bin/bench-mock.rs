@@ -11,7 +11,7 @@
 //!
 //! With `logprobs=1`, the stream is shaped as vLLM sends it with `logprobs: true` and
 //! `return_token_ids: true`: the first event also carries a top-level `prompt_token_ids` (57
-//! ids, as many as the usage event's `prompt_tokens`), and every chunk's choice carries
+//! ids, or `prompt=N`; as many as the usage event's `prompt_tokens`), and every chunk's choice carries
 //! `"logprobs":{"content":[{"token":…,"logprob":…,"bytes":[…],"top_logprobs":[]}]}` (the token
 //! is the delta's text, `bytes` its UTF-8 bytes, `logprob` a deterministic negative number of 6
 //! significant digits that varies per chunk) and, after `finish_reason`, `"token_ids":[ID]`
@@ -19,7 +19,7 @@
 //!
 //! Parameters come from the query string (`?chunks=20&first_ms=50&gap_ms=20&logprobs=1`) or,
 //! when absent there, from the headers `x-mock-chunks`, `x-mock-first-ms`, `x-mock-gap-ms`,
-//! `x-mock-logprobs`, so one mock serves every scenario. The reply echoes the request's
+//! `x-mock-logprobs`, `x-mock-prompt`, so one mock serves every scenario. The reply echoes the request's
 //! `model` (found by a byte scan of the first KiB of the body, no JSON parse), which lets a
 //! client check that a proxy renamed it.
 //! `GET /health` answers `ok`.
@@ -123,6 +123,8 @@ struct StreamParams {
     gap_ms: u64,
     /// vLLM-shaped chunks: per-token logprobs and token ids, prompt token ids first.
     logprobs: bool,
+    /// Prompt tokens: the usage event's count, and the ids of a vLLM-shaped stream.
+    prompt_tokens: usize,
 }
 
 fn param(req: &Request<Incoming>, query_name: &str, header_name: &str) -> Option<u64> {
@@ -151,6 +153,8 @@ fn stream_params(req: &Request<Incoming>) -> Option<StreamParams> {
             .unwrap_or(0)
             .min(MAX_DELAY_MS),
         logprobs: param(req, "logprobs", "x-mock-logprobs").is_some_and(|v| v != 0),
+        prompt_tokens: param(req, "prompt", "x-mock-prompt")
+            .map_or(PROMPT_TOKENS, |n| n.min(MAX_PROMPT_TOKENS) as usize),
     })
 }
 
@@ -255,8 +259,10 @@ fn completion_json(model: &str) -> Bytes {
     ))
 }
 
-/// Prompt token ids of a `logprobs` stream (as many as the usage event's `prompt_tokens`).
+/// Prompt tokens of a stream without `prompt=N` (the ids of a `logprobs` stream are as many).
 const PROMPT_TOKENS: usize = 57;
+/// Most prompt tokens a stream may ask for (a long agent context).
+const MAX_PROMPT_TOKENS: u64 = 200_000;
 /// First prompt token id; the prompt is `PROMPT_ID0..PROMPT_ID0 + 57`.
 const PROMPT_ID0: usize = 1000;
 /// Token id of chunk `i` of a `logprobs` stream: `COMPLETION_ID0 + i`.
@@ -271,9 +277,9 @@ fn logprob_text(i: usize) -> String {
 }
 
 /// One SSE event of the stream; the last one also carries the usage event and `[DONE]`. With
-/// `logprobs`, the event is vLLM-shaped (see the module doc); without, it has
-/// `"logprobs":null`.
-fn chunk_event(model: &str, i: usize, last: bool, logprobs: bool) -> Bytes {
+/// `logprobs`, the event is vLLM-shaped (see the module doc), the first one with `prompt`
+/// prompt token ids; without, it has `"logprobs":null`.
+fn chunk_event(model: &str, i: usize, last: bool, logprobs: bool, prompt: usize) -> Bytes {
     let finish = if last { r#""stop""# } else { "null" };
     let token = format!(" tok{i:05}");
     let mut s = format!(
@@ -302,7 +308,7 @@ fn chunk_event(model: &str, i: usize, last: bool, logprobs: bool) -> Bytes {
         );
         if i == 0 {
             s.push_str(r#","prompt_token_ids":["#);
-            for id in PROMPT_ID0..PROMPT_ID0 + PROMPT_TOKENS {
+            for id in PROMPT_ID0..PROMPT_ID0 + prompt {
                 let sep = if id == PROMPT_ID0 { "" } else { "," };
                 let _ = write!(s, "{sep}{id}");
             }
@@ -323,9 +329,9 @@ fn chunk_event(model: &str, i: usize, last: bool, logprobs: bool) -> Bytes {
                 "data: [DONE]\n\n"
             ),
             model = model,
-            p = PROMPT_TOKENS,
+            p = prompt,
             n = i + 1,
-            t = PROMPT_TOKENS + i + 1
+            t = prompt + i + 1
         );
     }
     Bytes::from(s)
@@ -396,7 +402,8 @@ impl Body for MockBody {
                 let i = s.next;
                 s.next += 1;
                 let last = s.next == s.params.chunks;
-                let event = chunk_event(&s.model, i, last, s.params.logprobs);
+                let event =
+                    chunk_event(&s.model, i, last, s.params.logprobs, s.params.prompt_tokens);
                 Poll::Ready(Some(Ok(Frame::data(event))))
             }
         }
@@ -439,7 +446,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["model"], "bench");
         assert!((350..=450).contains(&b.len()), "{} bytes", b.len());
-        let last = chunk_event("bench", 19, true, false);
+        let last = chunk_event("bench", 19, true, false, PROMPT_TOKENS);
         let text = std::str::from_utf8(&last).unwrap();
         assert!(text.ends_with("data: [DONE]\n\n"));
         for ev in text
@@ -454,7 +461,7 @@ mod tests {
     fn plain_chunks_are_unchanged() {
         // Byte for byte what the mock sent before `logprobs` existed (S3, S4, S5 depend on it).
         assert_eq!(
-            &chunk_event("bench", 0, false, false)[..],
+            &chunk_event("bench", 0, false, false, PROMPT_TOKENS)[..],
             concat!(
                 r#"data: {"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
                 r#""created":1700000000,"model":"bench","choices":[{"index":0,"delta":{"content":" tok00000"},"#,
@@ -464,7 +471,7 @@ mod tests {
             .as_bytes()
         );
         assert_eq!(
-            &chunk_event("m", 2, true, false)[..],
+            &chunk_event("m", 2, true, false, PROMPT_TOKENS)[..],
             concat!(
                 r#"data: {"id":"chatcmpl-bench0123456789abcdefghijklmnop","object":"chat.completion.chunk","#,
                 r#""created":1700000000,"model":"m","choices":[{"index":0,"delta":{"content":" tok00002"},"#,
@@ -485,7 +492,7 @@ mod tests {
         let chunks = 20;
         let stream: String = (0..chunks)
             .map(|i| {
-                let ev = chunk_event("bench", i, i + 1 == chunks, true);
+                let ev = chunk_event("bench", i, i + 1 == chunks, true, PROMPT_TOKENS);
                 String::from_utf8(ev.to_vec()).unwrap()
             })
             .collect();
@@ -548,5 +555,27 @@ mod tests {
         assert_eq!(usage["usage"]["prompt_tokens"], PROMPT_TOKENS);
         assert_eq!(usage["usage"]["completion_tokens"], chunks);
         assert!(usage.get("prompt_token_ids").is_none());
+
+        // A long prompt: as many ids as asked, counted in the usage event.
+        let first = chunk_event("bench", 0, false, true, 3000);
+        let text = std::str::from_utf8(&first).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(text.trim_start_matches("data: ").trim_end()).unwrap();
+        let ids = v["prompt_token_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 3000);
+        assert_eq!(
+            (ids[0].as_u64(), ids[2999].as_u64()),
+            (Some(1000), Some(3999))
+        );
+        let last = chunk_event("bench", 1, true, true, 3000);
+        let usage = std::str::from_utf8(&last)
+            .unwrap()
+            .split("\n\n")
+            .nth(1)
+            .unwrap();
+        let usage: serde_json::Value =
+            serde_json::from_str(usage.trim_start_matches("data: ")).unwrap();
+        assert_eq!(usage["usage"]["prompt_tokens"], 3000);
+        assert_eq!(usage["usage"]["total_tokens"], 3002);
     }
 }
