@@ -500,12 +500,24 @@ impl Accumulator {
         self.usage.clone()
     }
 
-    /// Prompt token ids (root for chat, first choice's for completions).
-    pub fn prompt_token_ids(&self) -> Option<Vec<i64>> {
+    /// Prompt token ids (root for chat, first choice's for completions), leaving the
+    /// accumulator as it is.
+    #[cfg(test)]
+    fn prompt_token_ids(&self) -> Option<Vec<i64>> {
         self.prompt_token_ids.clone().or_else(|| {
             self.choices
                 .values()
                 .find_map(|c| c.prompt_token_ids.clone())
+        })
+    }
+
+    /// Prompt token ids (root for chat, first choice's for completions), taken: a long
+    /// prompt's thousands move into the record.
+    pub fn take_prompt_token_ids(&mut self) -> Option<Vec<i64>> {
+        self.prompt_token_ids.take().or_else(|| {
+            self.choices
+                .values_mut()
+                .find_map(|c| c.prompt_token_ids.take())
         })
     }
 

@@ -103,7 +103,7 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
     let mut tokens = Default::default();
     let mut trace_id = None;
     if let Some(mut acc) = f.acc {
-        input.prompt_token_ids = acc.prompt_token_ids().unwrap_or_default();
+        input.prompt_token_ids = acc.take_prompt_token_ids().unwrap_or_default();
         tokens = acc.usage().unwrap_or_default();
         trace_id = acc.response_id.take();
         let choices = acc.into_choices();
