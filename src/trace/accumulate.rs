@@ -4,7 +4,7 @@
 //! finish_reason kept; prompt token ids and usage picked up where the upstream reports them.
 
 use super::chunk::Read;
-use super::record::{ChoiceOutput, ReplyMessage, Tokens, ToolCall};
+use super::record::{ChoiceOutput, ReplyMessage, TokenIds, Tokens, ToolCall};
 use crate::observe::sse::{SseEvent, SseSplitter};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -34,7 +34,7 @@ struct ChoiceAcc {
     finish_reason: Option<String>,
     token_ids: Vec<i64>,
     logprobs: Vec<f64>,
-    prompt_token_ids: Option<Vec<i64>>,
+    prompt_token_ids: Option<TokenIds>,
 }
 
 /// Accumulates one response.
@@ -46,7 +46,7 @@ pub struct Accumulator {
     pub response_id: Option<String>,
     /// Upstream's model field.
     pub response_model: Option<String>,
-    prompt_token_ids: Option<Vec<i64>>,
+    prompt_token_ids: Option<TokenIds>,
     usage: Option<Tokens>,
     splitter: SseSplitter,
     /// The head the stream's chunks repeat, read once ([`super::chunk::Head`]).
@@ -300,7 +300,7 @@ impl Accumulator {
                 self.response_model = Some(m.into_owned());
             }
         }
-        if let Some(p) = v.prompt_token_ids.and_then(read_ids) {
+        if let Some(p) = v.prompt_token_ids.and_then(read_prompt_ids) {
             self.prompt_token_ids.get_or_insert(p);
         }
         if let Some(u) = v.usage.and_then(openai_usage_raw) {
@@ -330,7 +330,7 @@ impl Accumulator {
                 if let Some(t) = c.text {
                     acc.push_content(&t);
                 }
-                if let Some(p) = c.prompt_token_ids.and_then(read_ids) {
+                if let Some(p) = c.prompt_token_ids.and_then(read_prompt_ids) {
                     acc.prompt_token_ids.get_or_insert(p);
                 }
             }
@@ -363,7 +363,7 @@ impl Accumulator {
             }
         }
         if let Some(p) = v.get("prompt_token_ids").and_then(ids) {
-            self.prompt_token_ids.get_or_insert(p);
+            self.prompt_token_ids.get_or_insert(TokenIds::Values(p));
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
             self.usage = Some(openai_usage(u));
@@ -504,16 +504,17 @@ impl Accumulator {
     /// accumulator as it is.
     #[cfg(test)]
     fn prompt_token_ids(&self) -> Option<Vec<i64>> {
-        self.prompt_token_ids.clone().or_else(|| {
+        let ids = self.prompt_token_ids.as_ref().or_else(|| {
             self.choices
                 .values()
-                .find_map(|c| c.prompt_token_ids.clone())
-        })
+                .find_map(|c| c.prompt_token_ids.as_ref())
+        });
+        ids.map(TokenIds::values)
     }
 
     /// Prompt token ids (root for chat, first choice's for completions), taken: a long
     /// prompt's thousands move into the record.
-    pub fn take_prompt_token_ids(&mut self) -> Option<Vec<i64>> {
+    pub fn take_prompt_token_ids(&mut self) -> Option<TokenIds> {
         self.prompt_token_ids.take().or_else(|| {
             self.choices
                 .values_mut()
@@ -625,7 +626,7 @@ impl ChoiceAcc {
                 self.push_content(t);
             }
             if let Some(p) = c.get("prompt_token_ids").and_then(ids) {
-                self.prompt_token_ids.get_or_insert(p);
+                self.prompt_token_ids.get_or_insert(TokenIds::Values(p));
             }
         }
         if let Some(t) = c.get("token_ids").and_then(ids) {
@@ -892,6 +893,18 @@ fn token_chunk(v: &super::chunk::Chunk<'_>, flavor: Flavor) -> Option<u64> {
 
 fn raw_value(raw: Option<&str>) -> Option<Value> {
     serde_json::from_str(raw?).ok()
+}
+
+/// The ids of a `prompt_token_ids` value, as [`ids`] reads it: kept as checked text, or read
+/// through a `Value`.
+fn read_prompt_ids(p: super::chunk::PromptIds<'_>) -> Option<TokenIds> {
+    match p {
+        super::chunk::PromptIds::Tight(text) => Some(TokenIds::Text(text.into())),
+        super::chunk::PromptIds::Raw(raw) => raw_value(Some(raw))
+            .as_ref()
+            .and_then(ids)
+            .map(TokenIds::Values),
+    }
 }
 
 /// The ids of a `token_ids` value, as [`ids`] reads it: read in place, or through a `Value`.

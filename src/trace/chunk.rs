@@ -27,7 +27,7 @@ pub struct Chunk<'a> {
     /// `usage`, raw.
     pub usage: Option<&'a str>,
     /// `prompt_token_ids` (vLLM).
-    pub prompt_token_ids: Option<Read<'a, i64>>,
+    pub prompt_token_ids: Option<PromptIds<'a>>,
 }
 
 /// A chunk's token ids or logprobs: read in place, or the value's raw text when it has a
@@ -44,6 +44,17 @@ pub enum Read<'a, T> {
     Raw(&'a str),
 }
 
+/// A chunk's prompt token ids, as text: a long prompt has thousands, which a record writes
+/// back as they came rather than converting each and writing it again.
+#[derive(Debug, PartialEq)]
+pub enum PromptIds<'a> {
+    /// An array of integers that fit `i64`, with no whitespace, each as serde_json writes it
+    /// (no leading zero, no `-0`): the text serde_json would write for those values.
+    Tight(&'a str),
+    /// Any other value's text (the caller reads it through a `Value`).
+    Raw(&'a str),
+}
+
 /// One element of `choices`.
 #[derive(Debug, Default, PartialEq)]
 pub struct Choice<'a> {
@@ -56,7 +67,7 @@ pub struct Choice<'a> {
     /// `token_ids` (vLLM).
     pub token_ids: Option<Read<'a, i64>>,
     /// `prompt_token_ids` (vLLM completions).
-    pub prompt_token_ids: Option<Read<'a, i64>>,
+    pub prompt_token_ids: Option<PromptIds<'a>>,
     /// `logprobs`.
     pub logprobs: Option<Read<'a, f64>>,
     /// `finish_reason`.
@@ -764,6 +775,20 @@ impl<'a> Scanner<'a> {
         self.read_or_raw(Self::ids)
     }
 
+    /// Prompt token ids, checked as a tight array of integers (not converted), else raw;
+    /// `None` for `null`.
+    fn prompt_ids(&mut self) -> Option<Option<PromptIds<'a>>> {
+        if self.null()? {
+            return Some(None);
+        }
+        let start = self.i;
+        if self.tight_ints(drop).is_some() {
+            return Some(Some(PromptIds::Tight(self.src.get(start..self.i)?)));
+        }
+        self.i = start;
+        Some(self.raw()?.map(PromptIds::Raw))
+    }
+
     /// Skips any value and returns its text; `None` for `null`.
     fn raw(&mut self) -> Option<Option<&'a str>> {
         self.ws();
@@ -889,7 +914,7 @@ impl<'a> Scanner<'a> {
                 "choices" => once(&mut c.choices, &mut seen[2], self.choices()?),
                 "usage" => once(&mut c.usage, &mut seen[3], self.raw()?),
                 "prompt_token_ids" => {
-                    once(&mut c.prompt_token_ids, &mut seen[4], self.ids_or_raw()?)
+                    once(&mut c.prompt_token_ids, &mut seen[4], self.prompt_ids()?)
                 }
                 _ => self.skip(1),
             }?;
@@ -924,7 +949,7 @@ impl<'a> Scanner<'a> {
             }
             "text" => once(&mut c.text, &mut seen[2], s.opt_string()?),
             "token_ids" => once(&mut c.token_ids, &mut seen[3], s.ids_or_raw()?),
-            "prompt_token_ids" => once(&mut c.prompt_token_ids, &mut seen[4], s.ids_or_raw()?),
+            "prompt_token_ids" => once(&mut c.prompt_token_ids, &mut seen[4], s.prompt_ids()?),
             "logprobs" => {
                 let lp = s.read_or_raw(Self::logprobs)?;
                 once(&mut c.logprobs, &mut seen[5], lp)
@@ -1023,6 +1048,50 @@ mod tests {
                 String::from_utf8_lossy(&case)
             );
         }
+    }
+
+    #[test]
+    fn prompt_ids_are_kept_as_text_only_when_it_is_serde_jsons() {
+        let prompt = |ids: &str| {
+            let chunk = format!(r#"{{"choices":[],"prompt_token_ids":{ids}}}"#);
+            // `None`: the chunk was declined (the general path reads it).
+            scan(&chunk).map(|c| match c.prompt_token_ids {
+                Some(PromptIds::Tight(t)) => Ok(t.to_string()),
+                Some(PromptIds::Raw(t)) => Err(t.to_string()),
+                None => Err("null".into()),
+            })
+        };
+        let long: Vec<i64> = (0..3000).map(|i| i * 7919 % 200_003 - 50).collect();
+        let long_text = serde_json::to_string(&long).unwrap();
+        for tight in [
+            "[]".to_string(),
+            "[0]".into(),
+            "[1,-2,30,400,5000,60000,700000,8000000,90000000,123456789012]".into(),
+            format!("[{},{}]", i64::MAX, i64::MIN),
+            long_text,
+        ] {
+            let back: Vec<i64> = serde_json::from_str(&tight).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), tight);
+            assert_eq!(prompt(&tight), Some(Ok(tight.clone())), "{tight}");
+        }
+        assert_eq!(prompt(" [1,2]"), Some(Ok("[1,2]".into())));
+        // Anything serde_json would write otherwise is read through a value.
+        for other in [
+            "[1, 2]",
+            "[-0]",
+            "[1.0]",
+            "[1e3]",
+            "[9223372036854775808]",
+            r#"["1"]"#,
+            "{}",
+            "7",
+        ] {
+            assert_eq!(prompt(other), Some(Err(other.to_string())), "{other}");
+        }
+        for declined in ["[01]", "[1,]", "[1"] {
+            assert_eq!(prompt(declined), None, "{declined}");
+        }
+        assert_eq!(prompt("null"), Some(Err("null".into())));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! proxy's process, so this is part of what tracing costs a call.
 
 use super::chunk::find_stop;
-use super::record::{ChoiceOutput, ReplyMessage, Tokens, TraceInput, TraceOutput, TraceRecord};
+use super::record::{
+    ChoiceOutput, ReplyMessage, TokenIds, Tokens, TraceInput, TraceOutput, TraceRecord,
+};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -105,7 +107,10 @@ fn write_input(out: &mut Vec<u8>, input: &TraceInput) {
         }
     }
     out.extend_from_slice(b"\"prompt_token_ids\":");
-    ints(out, prompt_token_ids);
+    match prompt_token_ids {
+        TokenIds::Values(v) => ints(out, v),
+        TokenIds::Text(t) => out.extend_from_slice(t.as_bytes()),
+    }
     out.push(b'}');
 }
 
@@ -416,10 +421,17 @@ mod tests {
             .collect();
         for ids in [vec![], vec![7], ids] {
             let mut rec = TraceRecord::default();
-            rec.input.prompt_token_ids = ids.clone();
+            rec.input.prompt_token_ids = TokenIds::Values(ids.clone());
             rec.output.output_token_ids = ids.iter().rev().copied().collect();
-            rec.output.choices = vec![bare_choice(0, ids)];
+            rec.output.choices = vec![bare_choice(0, ids.clone())];
             same_as_serde(&rec);
+            // Ids kept as the text serde_json writes for them: written as they are.
+            let text = serde_json::to_string(&ids).unwrap();
+            rec.input.prompt_token_ids = TokenIds::Text(text.into());
+            same_as_serde(&rec);
+            let back: TraceRecord =
+                serde_json::from_slice(&serde_json::to_vec(&rec).unwrap()).unwrap();
+            assert_eq!(back.input.prompt_token_ids.values(), ids);
         }
     }
 
@@ -481,7 +493,7 @@ mod tests {
                 messages: raw(r#"[{"role": "user", "content": "a\u00e9"}]"#),
                 prompt: raw(r#""p""#),
                 input: None,
-                prompt_token_ids: vec![1, 2, 3],
+                prompt_token_ids: TokenIds::Text("[1,2,3]".into()),
             },
             output: TraceOutput {
                 message: Some(choice(0).message),
@@ -505,7 +517,7 @@ mod tests {
                 messages: None,
                 prompt: None,
                 input: raw("[1]"),
-                prompt_token_ids: vec![],
+                prompt_token_ids: TokenIds::default(),
             },
             ttft_ms: Some(f64::NAN),
             ..TraceRecord::default()

@@ -131,10 +131,62 @@ pub struct TraceInput {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub input: Option<Box<RawValue>>,
     /// Prompt token ids (vLLM).
-    pub prompt_token_ids: Vec<i64>,
+    pub prompt_token_ids: TokenIds,
 }
 
 /// `output` of a trace: choice 0 at the top (rLLM's `LLMOutput`), every choice in `choices`.
+/// Token ids as a record holds them: their values, or the JSON text of an array of them
+/// exactly as serde_json writes it (a long prompt's ids, checked where they arrived and kept
+/// as text: converting thousands of ids and writing them back cost more than the rest of
+/// the record).
+#[derive(Debug, Clone)]
+pub enum TokenIds {
+    /// The ids.
+    Values(Vec<i64>),
+    /// `[` integers `]`, comma-separated, no whitespace, each written as serde_json writes an
+    /// `i64` (no leading zero, no `-0`).
+    Text(Box<str>),
+}
+
+impl Default for TokenIds {
+    fn default() -> Self {
+        Self::Values(Vec::new())
+    }
+}
+
+impl TokenIds {
+    /// The ids as values.
+    pub fn values(&self) -> Vec<i64> {
+        match self {
+            Self::Values(v) => v.clone(),
+            Self::Text(t) => serde_json::from_str(t).unwrap_or_default(),
+        }
+    }
+}
+
+impl PartialEq for TokenIds {
+    fn eq(&self, other: &Self) -> bool {
+        self.values() == other.values()
+    }
+}
+
+impl Serialize for TokenIds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Values(v) => v.serialize(s),
+            Self::Text(t) => RawValue::from_string(t.to_string())
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::deserialize(d).map(Self::Values)
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TraceOutput {
     /// Choice 0's message (`null` without choices).
