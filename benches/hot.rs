@@ -235,6 +235,25 @@ fn bench_sse_accumulation(c: &mut Criterion) {
     g.bench_function("plain_chat_event_per_chunk_1000_events", |b| {
         b.iter(|| accumulate(&plain_events))
     });
+    // A long prompt's ids (an agent's context), sent by vLLM in the first chunk with
+    // `return_token_ids`, then 20 token chunks: the ids are checked and kept as text.
+    let long_prompt = sse_events(21, |i| {
+        let prompt = if i == 0 {
+            let ids: Vec<String> = (0..4000)
+                .map(|k| (k * 7919 % 151_000).to_string())
+                .collect();
+            format!(",\"prompt_token_ids\":[{}]", ids.join(","))
+        } else {
+            String::new()
+        };
+        format!("{{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"q\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"logprobs\":{{\"content\":[{{\"token\":\" tok{i}\",\"logprob\":-0.{i},\"bytes\":[32]}}]}},\"finish_reason\":null,\"token_ids\":[{i}]}}]{prompt}}}")
+    });
+    let long_prompt_chunks: Vec<&[u8]> = long_prompt.chunks(1024).collect();
+    g.throughput(Throughput::Elements(4000));
+    g.bench_function("chat_long_prompt_4000_ids_21_events", |b| {
+        b.iter(|| accumulate(&long_prompt_chunks))
+    });
+    g.throughput(Throughput::Elements(events));
     g.bench_function("split_only_1000_events", |b| {
         b.iter(|| {
             let mut sp = SseSplitter::new();
