@@ -150,15 +150,21 @@ impl Accumulator {
     fn fill_template_events<'a>(&mut self, mut b: &'a [u8]) -> &'a [u8] {
         // The first fill stands apart so the choice is looked up only when one fits, and
         // once per run.
-        let Some((filled, len)) = self.template.fill_event(b) else {
-            return b;
-        };
-        let acc = self.choices.entry(self.template_choice).or_default();
-        acc.push_filled(filled);
-        self.events += 1;
-        b = b.get(len..).unwrap_or_default();
-        while let Some((filled, len)) = self.template.fill_event(b) {
-            acc.push_filled(filled);
+        if let Some((text, len)) = self.template.fill_event(b) {
+            let acc = self.choices.entry(self.template_choice).or_default();
+            acc.push_text(text);
+            self.events += 1;
+            b = b.get(len..).unwrap_or_default();
+            while let Some((text, len)) = self.template.fill_event(b) {
+                acc.push_text(text);
+                self.events += 1;
+                b = b.get(len..).unwrap_or_default();
+            }
+        }
+        if let Some((text, reason, len)) = self.template.fill_last_event(b) {
+            let acc = self.choices.entry(self.template_choice).or_default();
+            acc.push_text(text);
+            acc.finish_reason = Some(reason.to_owned());
             self.events += 1;
             b = b.get(len..).unwrap_or_default();
         }
@@ -232,13 +238,19 @@ impl Accumulator {
         }
     }
 
-    /// A chunk that fits the stream's template adds its text to the template's choice.
+    /// A chunk that fits the stream's template adds its text (and, the reply's last one,
+    /// its finish reason) to the template's choice.
     fn fill_template(&mut self, data: &[u8]) -> bool {
-        let Some(filled) = self.template.fill(data) else {
+        if let Some(text) = self.template.fill(data) {
+            self.choice(self.template_choice).push_text(text);
+            return true;
+        }
+        let Some((text, reason)) = self.template.fill_last(data) else {
             return false;
         };
         let acc = self.choice(self.template_choice);
-        acc.push_filled(filled);
+        acc.push_text(text);
+        acc.finish_reason = Some(reason.to_owned());
         true
     }
 
@@ -1171,8 +1183,8 @@ mod tests {
         // edit of it reads as the full parse reads it, fitted or not.
         let last = chat(0, "end").replace(r#""finish_reason":null"#, r#""finish_reason":"length""#);
         let (fast, _) = both_paths(&[&chunks[0]]);
-        let filled = fast.template.fill(last.as_bytes()).unwrap();
-        assert_eq!(filled.finish.as_deref(), Some("length"));
+        let (text, reason) = fast.template.fill_last(last.as_bytes()).unwrap();
+        assert_eq!((text, reason), (&b"end"[..], "length"));
         for text in one_byte_edits(&last) {
             let (fast, general) = both_paths(&[&chunks[0], &text]);
             assert_same(&fast, &general, &text);

@@ -131,7 +131,7 @@ pub fn build_record(f: CallFacts<'_>) -> TraceRecord {
     TraceRecord {
         trace_id: trace_id.unwrap_or_else(|| crate::ids::new_id("tr_")),
         request_id: f.request_id.to_string(),
-        name: format!("proxy/{}", f.model),
+        name: ["proxy/", &f.model].concat(),
         timestamp: f.timestamp,
         latency_ms: f.latency_ms,
         ttft_ms: f.ttft.map(|d| d.as_secs_f64() * 1000.0),

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 
 mod shape;
-pub use shape::Shape;
+pub use shape::{Filled, Shape};
 
 /// A chunk's fields, as far as a trace needs them.
 #[derive(Debug, Default, PartialEq)]
@@ -92,15 +92,6 @@ pub struct Delta<'a> {
     pub tool_calls: Option<&'a str>,
     /// `token_ids` (vLLM).
     pub token_ids: Option<Read<'a, i64>>,
-}
-
-/// What a chunk that fits a [`Template`] or a [`Shape`] holds.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Filled<'a> {
-    /// The delta's text: UTF-8, as it was checked (borrowed unless it had escapes).
-    pub text: Cow<'a, [u8]>,
-    /// `finish_reason`, when it is not `null`.
-    pub finish: Option<String>,
 }
 
 /// Reads `data` (one event's payload); `None` when it is not a chunk of the expected shape.
@@ -199,55 +190,80 @@ impl Template {
         self.one_line = !line_end(before) && !line_end(after);
     }
 
-    /// What `data` holds when it fits the template: the string in the template's place, as
-    /// bytes that are valid UTF-8 (the parts around them are the template's, valid text that
-    /// ends and starts with a quote), and the finish reason, when the chunk has one where
-    /// the template's is `null`. The text comes as bytes because the usual token of text is
-    /// ASCII, which a byte test proves; the UTF-8 validator cost about a hundred instructions
-    /// for each few-byte token (callgrind, traced S3).
-    pub fn fill<'a>(&self, data: &'a [u8]) -> Option<Filled<'a>> {
-        let (filled, rest) = self.read(data)?;
-        rest.is_empty().then_some(filled)
+    /// The string in the template's place, when `data` fits the template: bytes that are
+    /// valid UTF-8 (the parts around them are the template's, valid text that ends and
+    /// starts with a quote). They come as bytes because the usual token of text is ASCII,
+    /// which a byte test proves; the UTF-8 validator cost about a hundred instructions for
+    /// each few-byte token (callgrind, traced S3).
+    pub fn fill<'a>(&self, data: &'a [u8]) -> Option<&'a [u8]> {
+        if self.before.is_empty()
+            || data.len() < self.before.len() + self.after.len()
+            || !data.starts_with(&self.before)
+            || !data.ends_with(&self.after)
+        {
+            return None;
+        }
+        let value = data.get(self.before.len()..data.len() - self.after.len())?;
+        if find_stop(value).is_some() {
+            return None;
+        }
+        checked_text(value)
     }
 
     /// The template's chunk as one whole event at the start of `b`: `data: `, the chunk, a
-    /// blank line (`\n\n`). Returns what it holds (as [`Self::fill`]) and the event's length
-    /// with its blank line. This is the event [`SseSplitter`] would cut there, found without
-    /// searching for the event's end: the string's closing quote is the first stop byte
-    /// after the template's first part, and neither part (nor a finish reason, a run of
-    /// plain characters) holds a line end.
+    /// blank line (`\n\n`). Returns the string in the template's place (as [`Self::fill`])
+    /// and the event's length with its blank line. This is the event [`SseSplitter`] would
+    /// cut there, found without searching for the event's end: the string's closing quote
+    /// is the first stop byte after the template's first part, and neither part holds a
+    /// line end.
     ///
     /// [`SseSplitter`]: crate::observe::sse::SseSplitter
-    pub fn fill_event<'a>(&self, b: &'a [u8]) -> Option<(Filled<'a>, usize)> {
+    pub fn fill_event<'a>(&self, b: &'a [u8]) -> Option<(&'a [u8], usize)> {
+        if !self.one_line || self.before.is_empty() {
+            return None;
+        }
+        let data = b.strip_prefix(b"data: ")?.strip_prefix(&self.before[..])?;
+        let end = find_stop(data)?;
+        let (value, rest) = data.split_at(end);
+        let rest = rest.strip_prefix(&self.after[..])?.strip_prefix(b"\n\n")?;
+        Some((checked_text(value)?, b.len() - rest.len()))
+    }
+
+    /// The reply's last chunk: the template with a finish reason (a run of plain characters)
+    /// in place of its `null` one. Returns the text (as [`Self::fill`]) and the reason. Apart
+    /// from [`Self::fill`] so that the fill of every other chunk stays as cheap.
+    pub fn fill_last<'a>(&self, data: &'a [u8]) -> Option<(&'a [u8], &'a str)> {
+        let (text, reason, rest) = self.read_last(data)?;
+        rest.is_empty().then_some((text, reason))
+    }
+
+    /// [`Self::fill_last`] for a whole event at the start of `b`, as [`Self::fill_event`]
+    /// reads one (a finish reason holds no line end either); also returns the event's length.
+    pub fn fill_last_event<'a>(&self, b: &'a [u8]) -> Option<(&'a [u8], &'a str, usize)> {
         if !self.one_line {
             return None;
         }
-        let (filled, rest) = self.read(b.strip_prefix(b"data: ")?)?;
+        let (text, reason, rest) = self.read_last(b.strip_prefix(b"data: ")?)?;
         let rest = rest.strip_prefix(b"\n\n")?;
-        Some((filled, b.len() - rest.len()))
+        Some((text, reason, b.len() - rest.len()))
     }
 
-    /// Reads the template from the start of `data`; returns what it held and the rest.
-    fn read<'a>(&self, data: &'a [u8]) -> Option<(Filled<'a>, &'a [u8])> {
+    /// Reads the template with a finish reason from the start of `data`: the text, the
+    /// reason and the rest.
+    fn read_last<'a>(&self, data: &'a [u8]) -> Option<(&'a [u8], &'a str, &'a [u8])> {
+        let (head, tail) = self.after.split_at(self.finish?);
         if self.before.is_empty() {
             return None;
         }
         let data = data.strip_prefix(&self.before[..])?;
         let end = find_stop(data)?;
         let (value, rest) = data.split_at(end);
-        let text = Cow::Borrowed(checked_text(value)?);
-        if let Some(rest) = rest.strip_prefix(&self.after[..]) {
-            return Some((Filled { text, finish: None }, rest));
-        }
-        // The reply's last chunk: a finish reason in place of the template's `null`.
-        let (head, tail) = self.after.split_at(self.finish?);
+        let text = checked_text(value)?;
         let rest = rest.strip_prefix(head)?.strip_prefix(b"\"")?;
         let n = find_stop(rest)?;
         let (reason, rest) = rest.split_at(n);
         let rest = rest.strip_prefix(b"\"")?.strip_prefix(tail.get(4..)?)?;
-        let reason = std::str::from_utf8(reason).ok()?;
-        let finish = Some(reason.to_owned());
-        Some((Filled { text, finish }, rest))
+        Some((text, std::str::from_utf8(reason).ok()?, rest))
     }
 }
 
@@ -1117,18 +1133,17 @@ mod tests {
         }
     }
 
-    /// The text of a template fill that holds no finish reason.
+    /// The text of a template fill (a template learned without a finish reason, which no
+    /// last chunk fits).
     fn fill_text(t: &Template, data: &[u8]) -> Option<Vec<u8>> {
-        let filled = t.fill(data)?;
-        assert_eq!(filled.finish, None);
-        Some(filled.text.into_owned())
+        assert_eq!(t.fill_last(data), None);
+        t.fill(data).map(<[u8]>::to_vec)
     }
 
     /// [`fill_text`] of a whole event, with the event's length.
     fn event_text(t: &Template, b: &[u8]) -> Option<(Vec<u8>, usize)> {
-        let (filled, len) = t.fill_event(b)?;
-        assert_eq!(filled.finish, None);
-        Some((filled.text.into_owned(), len))
+        assert_eq!(t.fill_last_event(b), None);
+        t.fill_event(b).map(|(text, len)| (text.to_vec(), len))
     }
 
     #[test]
@@ -1244,9 +1259,15 @@ mod tests {
         };
         let first = chunk("abc", "null");
         let t = learned(&first);
+        // What the chunk reads as: its text, and its finish reason when it is the last one.
         let reason = |data: &str| {
-            t.fill(data.as_bytes())
-                .map(|f| (f.text.into_owned(), f.finish))
+            let b = data.as_bytes();
+            match (t.fill(b), t.fill_last(b)) {
+                (Some(text), None) => Some((text.to_vec(), None)),
+                (None, Some((text, r))) => Some((text.to_vec(), Some(r.to_string()))),
+                (None, None) => None,
+                both => panic!("fits both ways: {both:?}"),
+            }
         };
         assert_eq!(reason(&first), Some((b"abc".to_vec(), None)));
         assert_eq!(
@@ -1258,8 +1279,9 @@ mod tests {
             Some((Vec::new(), Some("tool_calls".into())))
         );
         let event = format!("data: {}\n\ndata: [DONE]\n\n", chunk("z", r#""length""#));
-        let (filled, len) = t.fill_event(event.as_bytes()).unwrap();
-        assert_eq!(filled.finish.as_deref(), Some("length"));
+        assert_eq!(t.fill_event(event.as_bytes()), None);
+        let (text, reason_of, len) = t.fill_last_event(event.as_bytes()).unwrap();
+        assert_eq!((text, reason_of), (&b"z"[..], "length"));
         assert_eq!(&event[len..], "data: [DONE]\n\n");
         // Anything but a run of plain characters is scanned instead (and read the same).
         for other in [
@@ -1277,7 +1299,9 @@ mod tests {
         let mut bad = chunk("de", r#""sZop""#).into_bytes();
         let at = bad.iter().position(|&c| c == b'Z').unwrap();
         bad[at] = 0xff;
-        assert!(t.fill(&bad).is_none(), "a reason must be UTF-8");
+        assert_eq!(t.fill_last(&bad), None, "a reason must be UTF-8");
+        bad[at] = b't';
+        assert_eq!(t.fill_last(&bad), Some((&b"de"[..], "stop")));
 
         // The `null` must be the choice's finish reason: another key's `null` is not a place
         // for one, and neither is a template learned without a finish reason.
@@ -1287,12 +1311,13 @@ mod tests {
         );
         let t = learned(&other_key);
         let last = other_key.replace(r#""stop_reason":null"#, r#""stop_reason":"stop""#);
-        assert!(t.fill(last.as_bytes()).is_none());
+        assert_eq!(t.fill_last(last.as_bytes()), None);
+        assert!(t.fill(other_key.as_bytes()).is_some());
         let in_delta = r#"{"choices":[{"delta":{"content":"abc","finish_reason":null}}]}"#;
         let t = learned(in_delta);
-        assert!(t
-            .fill(in_delta.replace("null", r#""stop""#).as_bytes())
-            .is_none());
+        assert!(t.fill(in_delta.as_bytes()).is_some());
+        let stopped = in_delta.replace("null", r#""stop""#);
+        assert_eq!(t.fill_last(stopped.as_bytes()), None);
     }
 
     #[test]

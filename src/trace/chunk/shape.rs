@@ -12,7 +12,7 @@
 //! without whitespace. Anything else makes the chunk not fit; the caller then scans it, so a miss
 //! costs time, never correctness.
 
-use super::{checked_text, find_stop, Filled, Scanner};
+use super::{checked_text, find_stop, Scanner};
 use std::borrow::Cow;
 
 /// What a hole of a [`Shape`] holds, and what a fill does with it.
@@ -44,6 +44,15 @@ pub struct Shape {
     /// `text` holds no line end, so a `data: ` line of a fitting chunk followed by a blank
     /// line is one whole event ([`Shape::fill_event`]).
     one_line: bool,
+}
+
+/// What a fitting chunk holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Filled<'a> {
+    /// The delta's text: UTF-8, as it was checked (borrowed unless it had escapes).
+    pub text: Cow<'a, [u8]>,
+    /// `finish_reason`, when it is not `null`.
+    pub finish: Option<String>,
 }
 
 /// Longest chunk learned, and most holes: a token chunk is a few hundred bytes.
