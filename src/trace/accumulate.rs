@@ -161,13 +161,9 @@ impl Accumulator {
                 b = b.get(len..).unwrap_or_default();
             }
         }
-        if let Some((text, reason, len)) = self.template.fill_last_event(b) {
-            let acc = self.choices.entry(self.template_choice).or_default();
-            acc.push_text(text);
-            acc.finish_reason = Some(reason.to_owned());
-            self.events += 1;
-            b = b.get(len..).unwrap_or_default();
-        }
+        // The reply's last chunk is not tried here: a run also ends at an event cut by the
+        // network, and trying it there cost each cut chunk a second comparison. It is cut
+        // as an event and read by `on_event`'s [`Self::fill_template`] instead.
         b
     }
 

@@ -237,17 +237,6 @@ impl Template {
         rest.is_empty().then_some((text, reason))
     }
 
-    /// [`Self::fill_last`] for a whole event at the start of `b`, as [`Self::fill_event`]
-    /// reads one (a finish reason holds no line end either); also returns the event's length.
-    pub fn fill_last_event<'a>(&self, b: &'a [u8]) -> Option<(&'a [u8], &'a str, usize)> {
-        if !self.one_line {
-            return None;
-        }
-        let (text, reason, rest) = self.read_last(b.strip_prefix(b"data: ")?)?;
-        let rest = rest.strip_prefix(b"\n\n")?;
-        Some((text, reason, b.len() - rest.len()))
-    }
-
     /// Reads the template with a finish reason from the start of `data`: the text, the
     /// reason and the rest.
     fn read_last<'a>(&self, data: &'a [u8]) -> Option<(&'a [u8], &'a str, &'a [u8])> {
@@ -1142,7 +1131,6 @@ mod tests {
 
     /// [`fill_text`] of a whole event, with the event's length.
     fn event_text(t: &Template, b: &[u8]) -> Option<(Vec<u8>, usize)> {
-        assert_eq!(t.fill_last_event(b), None);
         t.fill_event(b).map(|(text, len)| (text.to_vec(), len))
     }
 
@@ -1278,11 +1266,13 @@ mod tests {
             reason(&chunk("", r#""tool_calls""#)),
             Some((Vec::new(), Some("tool_calls".into())))
         );
-        let event = format!("data: {}\n\ndata: [DONE]\n\n", chunk("z", r#""length""#));
+        // A whole event of it is left to the splitter (and then read by `fill_last`).
+        let event = format!("data: {}\n\n", chunk("z", r#""length""#));
         assert_eq!(t.fill_event(event.as_bytes()), None);
-        let (text, reason_of, len) = t.fill_last_event(event.as_bytes()).unwrap();
-        assert_eq!((text, reason_of), (&b"z"[..], "length"));
-        assert_eq!(&event[len..], "data: [DONE]\n\n");
+        assert_eq!(
+            reason(&chunk("z", r#""length""#)),
+            Some((b"z".to_vec(), Some("length".into())))
+        );
         // Anything but a run of plain characters is scanned instead (and read the same).
         for other in [
             chunk("de", r#""st\"op""#),
