@@ -551,9 +551,22 @@ impl<'a> Scanner<'a> {
     }
 
     /// An array of integers that fit `i64` at the position, with no whitespace in it
-    /// (vLLM writes none), each given to `each`. The position is kept in a local between
-    /// numbers: a long prompt's `prompt_token_ids` has thousands.
+    /// (vLLM writes none), each given to `each`.
     fn tight_ints(&mut self, mut each: impl FnMut(i64)) -> Option<()> {
+        self.tight_array(|b, i| {
+            let (n, end) = integer_at(b, i)?;
+            each(n);
+            Some(end)
+        })
+    }
+
+    /// An array with no whitespace in it at the position, each element read by `element`
+    /// from where it starts (returning where it ends). The position is kept in a local
+    /// between elements: a long prompt's `prompt_token_ids` has thousands.
+    fn tight_array(
+        &mut self,
+        mut element: impl FnMut(&[u8], usize) -> Option<usize>,
+    ) -> Option<()> {
         let b = self.b;
         let mut i = self.i;
         if b.get(i) != Some(&b'[') {
@@ -565,8 +578,7 @@ impl<'a> Scanner<'a> {
             return Some(());
         }
         loop {
-            let (n, end) = integer_at(b, i)?;
-            each(n);
+            let end = element(b, i)?;
             match b.get(end) {
                 Some(b',') => i = end + 1,
                 Some(b']') => {

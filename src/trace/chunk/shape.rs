@@ -238,17 +238,7 @@ impl<'a> Scanner<'a> {
     /// leading zero). No number of it can be out of `f64`'s range, which the scan checks,
     /// as it has at most 19 digits.
     fn skip_tight_ints(&mut self) -> Option<()> {
-        let b = self.b;
-        let mut i = self.i;
-        if b.get(i) != Some(&b'[') {
-            return None;
-        }
-        i += 1;
-        if b.get(i) == Some(&b']') {
-            self.i = i + 1;
-            return Some(());
-        }
-        loop {
+        self.tight_array(|b, mut i| {
             if b.get(i) == Some(&b'-') {
                 i += 1;
             }
@@ -257,18 +247,8 @@ impl<'a> Scanner<'a> {
                 i += 1;
             }
             let len = i - start;
-            if len == 0 || len > 19 || (len > 1 && b[start] == b'0') {
-                return None;
-            }
-            match b.get(i) {
-                Some(b',') => i += 1,
-                Some(b']') => {
-                    self.i = i + 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+            (len > 0 && len <= 19 && (len == 1 || b.get(start) != Some(&b'0'))).then_some(i)
+        })
     }
 }
 
