@@ -118,8 +118,7 @@ pub fn extract(path: &str, max_slug: usize) -> Result<PathMeta, EdgeError> {
     }
     // Look for a "meta" segment followed by an "rllm1:" segment.
     let mut search = 0;
-    while let Some(found) = path[search..].find("/meta/") {
-        let meta_at = search + found;
+    while let Some(meta_at) = find_meta(path, search) {
         let seg_start = meta_at + "/meta/".len();
         let seg_end = path[seg_start..]
             .find('/')
@@ -146,6 +145,15 @@ pub fn extract(path: &str, max_slug: usize) -> Result<PathMeta, EdgeError> {
         metadata: None,
         session_id: None,
     })
+}
+
+/// Where the next `/meta/` starts at or after `from`. Paths are short and seldom hold one, so
+/// the few slashes are checked in turn (a substring search would first build its searcher).
+fn find_meta(path: &str, from: usize) -> Option<usize> {
+    let bytes = path.as_bytes();
+    memchr::memchr_iter(b'/', &bytes[from..])
+        .map(|i| from + i)
+        .find(|&i| bytes[i..].starts_with(b"/meta/"))
 }
 
 #[cfg(test)]
@@ -223,6 +231,35 @@ mod tests {
         assert!(!m.has_metadata());
         let m = extract("/v1/chat/completions", 1000).unwrap();
         assert_eq!(m.path, "/v1/chat/completions");
+    }
+
+    #[test]
+    fn meta_search_finds_what_a_substring_search_finds() {
+        let paths = [
+            "",
+            "/",
+            "/meta",
+            "/meta/",
+            "meta/x",
+            "/x/meta/",
+            "/meta/meta/rllm1:e30/v1",
+            "//meta//meta/",
+            "/metameta/meta/x",
+            "/v1/chat/completions",
+            "/a/b/c/meta/rllm1:e30",
+        ];
+        for p in paths {
+            for from in 0..=p.len() {
+                assert_eq!(
+                    find_meta(p, from),
+                    p[from..].find("/meta/").map(|i| from + i),
+                    "{p:?} {from}"
+                );
+            }
+        }
+        let m = extract("/meta/meta/rllm1:e30/v1/models", 1000).unwrap();
+        assert_eq!(m.path, "/meta/v1/models");
+        assert_eq!(m.metadata, Some(Map::new()));
     }
 
     #[test]

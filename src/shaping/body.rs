@@ -77,7 +77,15 @@ impl<'de> Deserialize<'de> for Entries<'de> {
 impl<'a> TopLevel<'a> {
     /// Parses `body`, which must be a JSON object.
     pub fn parse(body: &'a [u8]) -> Result<Self, EdgeError> {
-        let entries: Entries<'a> = serde_json::from_slice(body).map_err(|e| {
+        // One UTF-8 check of the whole body: parsed from bytes, serde_json would check every
+        // key and every raw value again on its own.
+        let text = std::str::from_utf8(body).map_err(|e| {
+            EdgeError::InvalidJson(format!(
+                "the body is not UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ))
+        })?;
+        let entries: Entries<'a> = serde_json::from_str(text).map_err(|e| {
             if e.is_data() {
                 EdgeError::InvalidJson("the body must be a JSON object".to_string())
             } else {
@@ -401,6 +409,33 @@ pub fn json_string(s: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_that_are_not_utf8_are_invalid_json_wherever_the_byte_is() {
+        let cases: [&[u8]; 4] = [
+            b"{\"model\":\"q\xff\"}",
+            b"{\"model\":\"q\",\"messages\":[{\"content\":\"\xc3\"}]}",
+            b"{\"m\xe9\":1}",
+            b"{\"model\":\"q\"}\xff",
+        ];
+        for body in cases {
+            match TopLevel::parse(body) {
+                Err(EdgeError::InvalidJson(m)) => assert!(m.contains("UTF-8"), "{m}"),
+                other => panic!(
+                    "{:?}: {:?}",
+                    String::from_utf8_lossy(body),
+                    other.map(|_| ())
+                ),
+            }
+        }
+        // A byte-order mark is UTF-8 but not JSON.
+        let bom = TopLevel::parse(b"\xef\xbb\xbf{\"model\":\"q\"}");
+        assert!(matches!(bom, Err(EdgeError::InvalidJson(_))));
+        // Multi-byte characters are fine anywhere, keys included.
+        let t = TopLevel::parse("{\"modèle\":\"é\",\"model\":\"q→\"}".as_bytes()).unwrap();
+        assert_eq!(t.get_str("model").unwrap(), "q→");
+        assert_eq!(t.keys().collect::<Vec<_>>(), ["modèle", "model"]);
+    }
 
     #[test]
     fn model_rename_touches_only_the_model_value() {
