@@ -317,7 +317,7 @@ async fn route_and_forward(
     let shaped = shape_body(body, &top, m, &upstream.cfg, meta, inject);
     drop(top);
     ctx.injected = shaped.injected.clone();
-    let client = Box::new(session.req_header().clone());
+    let client = super::headers::ClientHead::of(session.req_header(), &ctx.upstream_headers);
     // The usage chunk llm-edge asked for is withheld from a client that did not ask for it;
     // with strip_injected_fields everything else injected is removed too.
     let strip = if m.strip_injected_fields {
@@ -338,7 +338,7 @@ async fn route_and_forward(
         .cfg
         .session_header
         .as_ref()
-        .and_then(|h| client.headers.get(h))
+        .and_then(|h| session.req_header().headers.get(h))
         .map(|v| v.as_bytes().to_vec())
         .or_else(|| meta.session_name().map(|s| s.as_bytes().to_vec()));
     let out = Outbound {

@@ -17,7 +17,7 @@ use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use futures::FutureExt;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::HttpTask;
 use pingora::proxy::Session;
@@ -59,8 +59,8 @@ enum AttemptError {
 pub struct Outbound<'a> {
     /// Upstream chosen by model.
     pub upstream: &'a Arc<Upstream>,
-    /// The client's request header (credentials are removed when building the upstream one).
-    pub client: &'a RequestHeader,
+    /// The client's method and the headers forwarded upstream.
+    pub client: &'a headers::ClientHead,
     /// Path and query to send.
     pub path_and_query: &'a str,
     /// The body to send (whole, possibly edited), in the pieces it is written in.

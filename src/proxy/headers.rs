@@ -60,11 +60,40 @@ fn dropped_on_api_call(name: &HeaderName, nominated: &[HeaderName]) -> bool {
         || nominated.contains(name)
 }
 
-/// Builds the request sent upstream for an API call: the client's end-to-end headers minus
-/// credentials, plus `Host`, an exact `Content-Length` and the upstream key. (HTTP/2
-/// upstreams; HTTP/1 ones get [`api_request_h1_head`], the same request in wire form.)
+/// The client's request as an API call forwards it: the method and the end-to-end headers
+/// that go upstream, in order. Taken once per call, since every attempt sends the same ones;
+/// credentials, hop-by-hop headers, ours to set and the names in `ours` are left out.
+pub struct ClientHead {
+    /// The client's method.
+    pub method: http::Method,
+    /// The client headers forwarded upstream.
+    pub headers: Vec<(HeaderName, http::HeaderValue)>,
+}
+
+impl ClientHead {
+    /// The forwarded part of `client`; `ours` are the headers llm-edge sets itself.
+    pub fn of(client: &RequestHeader, ours: &[(HeaderName, http::HeaderValue)]) -> Self {
+        let nominated = connection_nominated(&client.headers);
+        let headers = client
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !dropped_on_api_call(name, &nominated) && !ours.iter().any(|(k, _)| k == *name)
+            })
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        Self {
+            method: client.method.clone(),
+            headers,
+        }
+    }
+}
+
+/// Builds the request sent upstream for an API call: the client's forwarded headers, plus
+/// ours, `Host`, an exact `Content-Length` and the upstream key. (HTTP/2 upstreams; HTTP/1
+/// ones get [`api_request_h1_head`], the same request in wire form.)
 pub fn upstream_api_request(
-    client: &RequestHeader,
+    client: &ClientHead,
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
@@ -77,11 +106,7 @@ pub fn upstream_api_request(
         path.as_bytes(),
         Some(client.headers.len() + ours.len() + 3),
     )?;
-    let nominated = connection_nominated(&client.headers);
-    for (name, value) in client.headers.iter() {
-        if dropped_on_api_call(name, &nominated) {
-            continue;
-        }
+    for (name, value) in &client.headers {
         req.append_header(name.clone(), value.clone())?;
     }
     for (k, v) in ours {
@@ -100,7 +125,7 @@ pub fn upstream_api_request(
 /// was the largest cost of the call path), so head and body leave in one write.
 pub fn api_request_h1_head(
     buf: &mut bytes::BytesMut,
-    client: &RequestHeader,
+    client: &ClientHead,
     path_and_query: &str,
     endpoint: &Endpoint,
     key: Option<&PooledKey>,
@@ -126,14 +151,10 @@ pub fn api_request_h1_head(
     buf.extend_from_slice(path_and_query.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
     line(buf, b"Host", endpoint.authority.as_bytes());
-    let nominated = connection_nominated(&client.headers);
     let key_header = key.map(|k| &k.header);
-    for (name, value) in client.headers.iter() {
-        // Ours and the key header replace a client's header of the same name.
-        if dropped_on_api_call(name, &nominated)
-            || ours.iter().any(|(k, _)| k == name)
-            || key_header == Some(name)
-        {
+    for (name, value) in &client.headers {
+        // Key headers are credentials, which `ClientHead` leaves out; this keeps it so.
+        if key_header == Some(name) {
             continue;
         }
         line(buf, name.as_str().as_bytes(), value.as_bytes());
@@ -351,6 +372,7 @@ mod tests {
             ("host", "proxy.local"),
         ]);
         let ep = parse_endpoint("http://10.0.0.1:8000/base").unwrap();
+        let client = ClientHead::of(&client, &[]);
         let req =
             upstream_api_request(&client, "/v1/chat/completions?x=1", &ep, None, 42, &[]).unwrap();
         assert_eq!(req.uri.to_string(), "/base/v1/chat/completions?x=1");
@@ -384,6 +406,7 @@ mod tests {
             ),
         ];
         let mut buf = bytes::BytesMut::new();
+        let client = ClientHead::of(&client, &ours);
         api_request_h1_head(
             &mut buf,
             &client,
