@@ -251,6 +251,8 @@ pub struct ModelConfig {
     pub upstream: String,
     /// Upstream model id when it differs from `name`.
     pub upstream_model: Option<String>,
+    /// `upstream_model` as a JSON string, as request bodies get it (encoded once, at load).
+    pub upstream_model_json: Option<String>,
     /// Sampling policy: the upstream's, with the model's rules replacing same-field ones.
     pub sampling: Policy,
     /// Remove injected fields the client did not ask for from responses.
@@ -460,6 +462,9 @@ pub fn validate(
         models.push(ModelConfig {
             name: m.name,
             upstream: m.upstream,
+            upstream_model_json: upstream_model
+                .as_deref()
+                .map(crate::shaping::body::json_str),
             upstream_model,
             sampling,
             strip_injected_fields: m.strip_injected_fields,

@@ -8,7 +8,7 @@ use crate::observe::ledger::{CallUsage, Ledger};
 use crate::route::api::ApiEndpoint;
 use crate::route::slug::PathMeta;
 use crate::runtime::Runtime;
-use crate::shaping::body::{json_string, Edit, Pieces, TopLevel};
+use crate::shaping::body::{Edit, Pieces, TopLevel};
 use crate::shaping::sampling;
 use crate::shaping::strip::Strip;
 use crate::snapshot::Snapshot;
@@ -93,9 +93,8 @@ pub fn shape_body(
 ) -> Shaped {
     let planned = sampling::plan(top, &model.sampling, inject);
     let mut edits = planned.edits;
-    if let Some(upstream_model) = model.upstream_model.as_deref() {
-        let value = String::from_utf8(json_string(upstream_model)).unwrap_or_default();
-        edits.push(Edit::Set("model", Cow::Owned(value)));
+    if let Some(upstream_model) = model.upstream_model_json.as_deref() {
+        edits.push(Edit::Set("model", Cow::Borrowed(upstream_model)));
     }
     if upstream.forward_metadata && meta.has_metadata() {
         if let Some(v) = metadata_with_rllm(top, meta) {
@@ -138,7 +137,7 @@ fn metadata_with_rllm(top: &TopLevel<'_>, meta: &PathMeta) -> Option<String> {
 pub fn injection_enabled(client: &pingora::http::RequestHeader, meta: &PathMeta) -> bool {
     let header_off = client
         .headers
-        .get(INJECT_HEADER)
+        .get(&INJECT_HEADER)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"));
     let meta_off = meta
@@ -150,7 +149,8 @@ pub fn injection_enabled(client: &pingora::http::RequestHeader, meta: &PathMeta)
 }
 
 /// Request header that turns injection off for one call.
-pub const INJECT_HEADER: &str = "x-llm-edge-inject";
+/// (A `HeaderName` constant, so a lookup does not parse the name first.)
+pub const INJECT_HEADER: http::HeaderName = http::HeaderName::from_static("x-llm-edge-inject");
 /// Slug metadata key that turns injection off for one call.
 pub const INJECT_META_KEY: &str = "llm_edge_inject";
 
@@ -401,6 +401,14 @@ mod tests {
                 .body
                 .to_bytes(),
             Bytes::from_static(br#"{"model":"Qwen/Q","messages":[{"content":"\u00e9"}]}"#)
+        );
+        // A name that needs escaping is written as a JSON string.
+        let (m, u) = setup(r#"{name: q, upstream: v, model: "a\"b\\c\u00e9"}"#);
+        assert_eq!(
+            shape_body(&b, &top, &m, &u, &no_meta(), true)
+                .body
+                .to_bytes(),
+            Bytes::from(r#"{"model":"a\"b\\cé","messages":[{"content":"\u00e9"}]}"#)
         );
     }
 

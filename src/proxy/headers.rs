@@ -320,7 +320,12 @@ fn add_ours_to(h: &mut http::HeaderMap, ours: &[(&'static str, String)]) -> ping
     };
     h.reserve(ours.len() + 1);
     for (k, v) in ours {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| invalid(&e))?;
+        // Every response carries the request id: its name is not parsed again each time.
+        let name = if *k == X_REQUEST_ID.as_str() {
+            X_REQUEST_ID
+        } else {
+            HeaderName::from_bytes(k.as_bytes()).map_err(|e| invalid(&e))?
+        };
         if name == X_REQUEST_ID {
             // The client gets its own id back; the provider's id (which its support asks
             // for) stays available under another name.
