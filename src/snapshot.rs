@@ -21,8 +21,8 @@ pub struct Snapshot {
     pub cfg: Arc<Config>,
     /// Models and routes.
     pub routes: RouteTable,
-    /// Upstreams by name.
-    pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// Upstreams by name (foldhash: looked up on every call; the keys are the config's names).
+    pub upstreams: HashMap<String, Arc<Upstream>, foldhash::fast::RandomState>,
     /// Pre-rendered `GET /v1/models` body.
     pub models_body: Bytes,
     /// Client keys.

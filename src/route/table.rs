@@ -6,7 +6,8 @@ use std::collections::HashMap;
 /// Lookup tables built once per config snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    models: HashMap<String, ModelConfig>,
+    /// (foldhash: looked up on every call; the keys are the config's names.)
+    models: HashMap<String, ModelConfig, foldhash::fast::RandomState>,
     model_order: Vec<String>,
     /// Routes sorted by prefix length, longest first.
     routes: Vec<RouteConfig>,

@@ -32,7 +32,8 @@ impl Idle {
     }
 }
 
-type Lists = HashMap<u64, Vec<Idle>>;
+/// (foldhash: looked up twice per call; the keys are already hashes.)
+type Lists = HashMap<u64, Vec<Idle>, foldhash::fast::RandomState>;
 
 /// Idle connections by peer key (Pingora's `reuse_hash`), newest last.
 #[derive(Default)]
