@@ -98,17 +98,8 @@ pub async fn forward(
     let mut tried_keys: Vec<usize> = Vec::new();
     let mut soft_keys: Vec<usize> = Vec::new();
     let mut held: Option<Box<Held>> = None;
-    let mut last_err = if up.replica_count() == 0 && up.egress_refused() > 0 {
-        EdgeError::EgressRefused(format!(
-            "every address upstream {:?} resolved to is refused by the egress policy",
-            up.cfg.name
-        ))
-    } else {
-        EdgeError::UpstreamUnreachable(format!(
-            "upstream {:?} has no resolved replica",
-            up.cfg.name
-        ))
-    };
+    // Built only when the call fails: formatting it up front cost every call a `format!`.
+    let mut last_err: Option<EdgeError> = None;
     let mut attempt = 0;
     // Why the previous attempt failed, and where it went (metrics: retries and failovers).
     let mut retry_reason: Option<RetryReason> = None;
@@ -210,7 +201,7 @@ pub async fn forward(
                 if let Some(l) = &lease {
                     up.keys.on_error(l.index, "connect");
                 }
-                last_err = e;
+                last_err = Some(e);
                 continue;
             }
             Err(AttemptError::Fatal(e)) => return Err(e),
@@ -265,9 +256,9 @@ pub async fn forward(
                 replica.mark_server_error();
             }
             if key_refused {
-                last_err = EdgeError::CredentialsExhausted(format!(
+                last_err = Some(EdgeError::CredentialsExhausted(format!(
                     "the last key tried was refused with {status}"
-                ));
+                )));
             } else {
                 held = Some(h);
             }
@@ -289,7 +280,7 @@ pub async fn forward(
             if let Some(h) = held.take() {
                 return pass_through(session, ctx, h).await;
             }
-            return Err(last_err);
+            return Err(last_err.unwrap_or_else(|| no_replica(up)));
         }
         replica.mark_ok();
         if let Some(l) = &lease {
@@ -312,7 +303,22 @@ pub async fn forward(
     if let Some(h) = held.take() {
         return pass_through(session, ctx, h).await;
     }
-    Err(last_err)
+    Err(last_err.unwrap_or_else(|| no_replica(up)))
+}
+
+/// Why a call found no replica to try.
+fn no_replica(up: &Upstream) -> EdgeError {
+    if up.replica_count() == 0 && up.egress_refused() > 0 {
+        EdgeError::EgressRefused(format!(
+            "every address upstream {:?} resolved to is refused by the egress policy",
+            up.cfg.name
+        ))
+    } else {
+        EdgeError::UpstreamUnreachable(format!(
+            "upstream {:?} has no resolved replica",
+            up.cfg.name
+        ))
+    }
 }
 
 /// Jittered exponential backoff before a retry: ~25 ms, 50 ms, 100 ms … capped at 1 s.
