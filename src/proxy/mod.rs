@@ -75,6 +75,12 @@ impl ProxyHttp for EdgeProxy {
         Box::new(RequestCtx::new())
     }
 
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // None: llm-edge never compresses a response (API call bodies are observed, pass-through
+        // bodies go as the upstream sent them). Pingora's default is a disabled compression
+        // module, whose context every request still builds and consults.
+    }
+
     async fn request_filter(
         &self,
         session: &mut Session,
