@@ -213,8 +213,9 @@ pub fn rewrite_passthrough_request(
     let uri = if unchanged {
         None
     } else {
-        let path = format!("{}{}", endpoint.base_path, path_and_query);
-        Some(path.parse::<http::Uri>().map_err(|e| {
+        // Joined and handed over without `format!` or a second copy (every pass-through call).
+        let path = [endpoint.base_path.as_str(), path_and_query].concat();
+        Some(http::Uri::try_from(path).map_err(|e| {
             pingora::Error::because(
                 pingora::ErrorType::InvalidHTTPHeader,
                 "rewriting the pass-through path",

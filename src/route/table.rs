@@ -59,7 +59,7 @@ pub fn rewrite_path(route: &RouteConfig, path_and_query: &str) -> String {
     if rest.starts_with('/') {
         rest.to_string()
     } else {
-        format!("/{rest}")
+        ["/", rest].concat()
     }
 }
 
