@@ -577,6 +577,17 @@ mod tests {
         let p = KeyPool::simple(UpstreamKind::Anthropic, &keys);
         assert_eq!(p.pick().unwrap().header, "x-api-key");
         assert_eq!(p.pick().unwrap().value, "sk-aaaaaaaaaaaa");
+        // API calls take the client's headers once per call, with credentials left out, so a
+        // client header of a key's name can never reach the upstream beside the key.
+        for kind in [
+            UpstreamKind::Openai,
+            UpstreamKind::Vllm,
+            UpstreamKind::Anthropic,
+        ] {
+            let p = KeyPool::simple(kind, &keys);
+            let name = p.pick().unwrap().header.clone();
+            assert!(crate::proxy::headers::CLIENT_CREDENTIALS.contains(&name.as_str()));
+        }
     }
 
     #[test]
