@@ -464,7 +464,7 @@ pub fn validate(
             upstream: m.upstream,
             upstream_model_json: upstream_model
                 .as_deref()
-                .map(crate::shaping::body::json_str),
+                .and_then(|um| String::from_utf8(crate::shaping::body::json_string(um)).ok()),
             upstream_model,
             sampling,
             strip_injected_fields: m.strip_injected_fields,

@@ -406,12 +406,6 @@ pub fn json_string(s: &str) -> Vec<u8> {
     serde_json::to_vec(s).unwrap_or_default()
 }
 
-/// `s` as a JSON string literal, as text.
-pub fn json_str(s: &str) -> String {
-    // Serialising a &str to JSON cannot fail.
-    serde_json::to_string(s).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
