@@ -12,13 +12,14 @@ use crate::shaping::body::Pieces;
 use crate::shaping::strip::{SseStripper, Strip};
 use crate::trace::accumulate::{Accumulator, Flavor};
 use crate::upstream::connector::UpstreamConnector as Connector;
+use crate::upstream::exchange::{Conn, Exchange};
+use crate::upstream::h1_response::H1Response;
 use crate::upstream::keys::{Pick, PooledKey};
 use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
 use futures::FutureExt;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::HttpTask;
 use pingora::proxy::Session;
 use pingora::ErrorType;
@@ -207,7 +208,7 @@ pub async fn forward(
             Err(AttemptError::Fatal(e)) => return Err(e),
         };
         ctx.upstream_ttfb = Some(attempt_started.elapsed());
-        let Some(resp) = us.response_header() else {
+        let Some(resp) = us.header() else {
             return Err(EdgeError::Internal(
                 "response header missing after read".into(),
             ));
@@ -337,11 +338,8 @@ async fn backoff(attempt: usize) {
 /// Reads a whole small response (for the retry decision). `None` when it is too large or
 /// streamed, in which case it must be relayed as it comes.
 /// Boxed: a held response waits across retries inside the call's future (S5 memory).
-async fn read_decision_body(
-    us: &mut HttpSession,
-    t: &crate::config::Timeouts,
-) -> Option<Box<Held>> {
-    let header = us.response_header()?.clone();
+async fn read_decision_body(us: &mut Exchange, t: &crate::config::Timeouts) -> Option<Box<Held>> {
+    let header = us.header()?.clone();
     let is_sse = is_event_stream(&header);
     let declared = header
         .headers
@@ -354,7 +352,7 @@ async fn read_decision_body(
     us.set_read_timeout(Some(t.idle));
     let mut body = Vec::new();
     loop {
-        match us.read_response_body().await {
+        match us.read_body().await {
             Ok(Some(c)) => {
                 body.extend_from_slice(&c);
                 if body.len() > DECISION_BODY_CAP {
@@ -410,7 +408,7 @@ async fn pass_through(
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     session: &mut Session,
-    us: &mut HttpSession,
+    us: &mut Exchange,
     replica: &Replica,
     out: &Outbound<'_>,
     ctx: &mut RequestCtx,
@@ -418,7 +416,7 @@ async fn relay(
     deadline: Instant,
     t: &crate::config::Timeouts,
 ) -> Result<(), EdgeError> {
-    let Some(resp) = us.response_header() else {
+    let Some(resp) = us.header() else {
         return Err(EdgeError::Internal(
             "response header missing after read".into(),
         ));
@@ -456,7 +454,7 @@ async fn relay(
         // When body bytes arrived with the header, send both in one write (one wakeup of the
         // client instead of two); otherwise the header goes now, so the client sees it while
         // the upstream is still thinking.
-        match us.read_response_body().now_or_never() {
+        match us.read_body().now_or_never() {
             Some(Ok(c)) => {
                 relay.held_header = Some(down);
                 initial = Some(Step::Chunk(c));
@@ -508,19 +506,19 @@ async fn write_all_vectored(
 /// Sends the request on `us`. HTTP/1: head and body written together, straight from the
 /// client's header (no upstream header map); HTTP/2: through Pingora's session.
 async fn write_request(
-    us: HttpSession,
+    conn: Conn,
     replica: &Replica,
     req: &Request<'_>,
     idle: std::time::Duration,
-) -> Result<HttpSession, AttemptError> {
+) -> Result<Exchange, AttemptError> {
     let out = req.out;
     let build_failed = |e: pingora::BError| {
         AttemptError::Fatal(EdgeError::Internal(format!(
             "building the upstream request: {e}"
         )))
     };
-    match us {
-        HttpSession::H1(h1) => {
+    match conn {
+        Conn::H1(mut stream) => {
             let mut head = bytes::BytesMut::with_capacity(512 + out.client.headers.len() * 48);
             headers::api_request_h1_head(
                 &mut head,
@@ -532,7 +530,6 @@ async fn write_request(
                 req.ours,
             )
             .map_err(build_failed)?;
-            let mut stream = h1.into_inner();
             // Head and body pieces in one vectored write; on the stack for up to 3 pieces.
             let empty = std::io::IoSlice::new(&[]);
             let mut small = [empty; 4];
@@ -555,17 +552,15 @@ async fn write_request(
             )
             .await
             {
-                Ok(Ok(())) => Ok(HttpSession::H1(
-                    pingora::protocols::http::v1::client::HttpSession::new_with_options(
-                        stream,
-                        &replica.peer,
-                    ),
-                )),
+                Ok(Ok(())) => Ok(Exchange::H1(H1Response::new(
+                    stream,
+                    out.client.method == http::Method::HEAD,
+                ))),
                 Ok(Err(e)) => Err(sending_failed(replica, e.kind().to_string())),
                 Err(_) => Err(sending_failed(replica, "write timed out".into())),
             }
         }
-        mut us => {
+        Conn::Session(mut us) => {
             let header = headers::upstream_api_request(
                 out.client,
                 out.path_and_query,
@@ -582,7 +577,7 @@ async fn write_request(
                 us.finish_request_body().await
             };
             match write.await {
-                Ok(()) => Ok(us),
+                Ok(()) => Ok(Exchange::Session(*us)),
                 Err(e) => Err(sending_failed(replica, e.etype().as_str().to_string())),
             }
         }
@@ -604,7 +599,7 @@ async fn send(
     req: &Request<'_>,
     deadline: Instant,
     t: &crate::config::Timeouts,
-) -> Result<HttpSession, AttemptError> {
+) -> Result<Exchange, AttemptError> {
     let name = &replica.label;
     let left = deadline.saturating_duration_since(Instant::now());
     // The peer's own connect timeout (`timeouts.connect`) already bounds a new connection, so
@@ -639,7 +634,7 @@ async fn send(
         .first_byte
         .min(deadline.saturating_duration_since(Instant::now()));
     us.set_read_timeout(Some(first_byte));
-    if let Err(e) = us.read_response_header().await {
+    if let Err(e) = us.read_header().await {
         if matches!(e.etype(), ErrorType::ReadTimedout) {
             return Err(AttemptError::Fatal(EdgeError::UpstreamTimeout(format!(
                 "no response header from replica {name} within {first_byte:?}"
@@ -674,14 +669,14 @@ const COALESCE_LIMIT: usize = 64 << 10;
 /// Hot path: appends body chunks that have already arrived (no waiting) to `first`, so a burst
 /// of small SSE chunks leaves in one write instead of one syscall each. Returns the end or
 /// error seen while doing so, to be handled after the write.
-fn coalesce_ready(us: &mut HttpSession, first: Bytes) -> (Bytes, Option<Step>) {
+fn coalesce_ready(us: &mut Exchange, first: Bytes) -> (Bytes, Option<Step>) {
     // The chunks are gathered first and copied once into a buffer of the exact size: growing
     // one buffer chunk by chunk reallocated several times per burst (callgrind S3).
     let mut more: Vec<Bytes> = Vec::new();
     let mut len = first.len();
     let mut next = None;
     while len < COALESCE_LIMIT {
-        match us.read_response_body().now_or_never() {
+        match us.read_body().now_or_never() {
             Some(Ok(Some(c))) => {
                 len += c.len();
                 if more.is_empty() {
@@ -737,7 +732,7 @@ struct Relay {
 #[allow(clippy::too_many_arguments)]
 async fn stream_body(
     session: &mut Session,
-    us: &mut HttpSession,
+    us: &mut Exchange,
     replica: &Replica,
     relay: &mut Relay,
     initial: Option<Step>,
@@ -766,7 +761,7 @@ async fn stream_body(
             let down = session.as_downstream_mut();
             tokio::select! {
                 biased;
-                r = us.read_response_body() => match r {
+                r = us.read_body() => match r {
                     Ok(c) => Step::Chunk(c),
                     Err(e) => Step::UpstreamFailed(e),
                 },

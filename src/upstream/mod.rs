@@ -4,6 +4,8 @@ pub mod connector;
 pub mod discovery;
 pub mod dns;
 pub mod egress;
+pub mod exchange;
+pub mod h1_response;
 pub mod health;
 pub mod idle_pool;
 pub mod keys;
