@@ -380,10 +380,11 @@ async fn pass_through(
     h: Box<Held>,
 ) -> Result<(), EdgeError> {
     ctx.status = h.header.status.as_u16();
-    let mut down = headers::downstream_response(&h.header, &ctx.response_headers)
+    let Held { header, body } = *h;
+    let mut down = headers::downstream_response(header, &ctx.response_headers)
         .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
     down.remove_header(&http::header::TRANSFER_ENCODING);
-    down.insert_header(http::header::CONTENT_LENGTH, h.body.len().to_string())
+    down.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())
         .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
     if session
         .write_response_header(Box::new(down), false)
@@ -393,11 +394,7 @@ async fn pass_through(
         return Err(EdgeError::ClientClosed);
     }
     ctx.responded = true;
-    if session
-        .write_response_body(Some(h.body), true)
-        .await
-        .is_err()
-    {
+    if session.write_response_body(Some(body), true).await.is_err() {
         return Err(EdgeError::ClientClosed);
     }
     Ok(())
@@ -416,15 +413,15 @@ async fn relay(
     deadline: Instant,
     t: &crate::config::Timeouts,
 ) -> Result<(), EdgeError> {
-    let Some(resp) = us.header() else {
+    let Some(resp) = us.take_header() else {
         return Err(EdgeError::Internal(
             "response header missing after read".into(),
         ));
     };
     let status = resp.status.as_u16();
+    let is_sse = is_event_stream(&resp);
     let mut down = headers::downstream_response(resp, &ctx.response_headers)
         .map_err(|e| EdgeError::Internal(format!("building the downstream response: {e}")))?;
-    let is_sse = is_event_stream(resp);
     let transform = match (&out.strip, (200..300).contains(&status)) {
         (Some(st), true) if is_sse => Transform::Sse(SseStripper::new(st.clone())),
         (Some(st), true) => Transform::Json(st.clone(), Vec::new()),

@@ -263,26 +263,33 @@ pub fn rewrite_passthrough_request(
 /// The response header sent downstream for an upstream response: same status and end-to-end
 /// headers; `Content-Length` kept so the framing stays the upstream's.
 pub fn downstream_response(
-    upstream: &ResponseHeader,
+    upstream: ResponseHeader,
     ours: &[(&'static str, String)],
 ) -> pingora::Result<ResponseHeader> {
-    // Built as `http` parts: one header map, where `ResponseHeader::append_header` keeps a
-    // second one for header-name case (about 170 instructions per header, callgrind S3).
+    // The upstream's header map is edited in place: copying every field into a new map cost
+    // about 1,500 instructions per call (callgrind S1). Only `http` parts, one map: a
+    // `ResponseHeader` built by `append_header` keeps a second one for header-name case.
+    let upstream: http::response::Parts = upstream.into();
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = upstream.status;
+    parts.headers = upstream.headers;
     let h = &mut parts.headers;
-    h.reserve(upstream.headers.len() + ours.len() + 1);
-    let nominated = connection_nominated(&upstream.headers);
-    let chunked = upstream.headers.get(header::TRANSFER_ENCODING).is_some();
-    for (name, value) in upstream.headers.iter() {
-        if is_hop_by_hop(name) || name == header::TRANSFER_ENCODING || nominated.contains(name) {
-            continue;
-        }
-        // A message with both framings is read as chunked (RFC 9112 §6.3); drop the length.
-        if chunked && name == header::CONTENT_LENGTH {
-            continue;
-        }
-        h.append(name.clone(), value.clone());
+    let nominated = connection_nominated(h);
+    let chunked = h.contains_key(header::TRANSFER_ENCODING);
+    // Found in one pass, as most responses have none of them (or only `connection`).
+    let dropped: Vec<HeaderName> = h
+        .keys()
+        .filter(|&name| {
+            is_hop_by_hop(name)
+                || name == header::TRANSFER_ENCODING
+                || nominated.contains(name)
+                // A message with both framings is read as chunked (RFC 9112 §6.3).
+                || (chunked && name == header::CONTENT_LENGTH)
+        })
+        .cloned()
+        .collect();
+    for name in &dropped {
+        h.remove(name);
     }
     add_ours_to(h, ours)?;
     // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
@@ -509,7 +516,7 @@ mod tests {
         up.append_header("content-length", "10").unwrap();
         up.append_header("connection", "close").unwrap();
         up.append_header("x-request-id", "abc").unwrap();
-        let d = downstream_response(&up, &[]).unwrap();
+        let d = downstream_response(up, &[]).unwrap();
         assert_eq!(d.headers["content-length"], "10");
         assert!(d.headers.get("connection").is_none());
         assert_eq!(d.headers["x-request-id"], "abc");

@@ -50,6 +50,14 @@ impl Exchange {
         }
     }
 
+    /// The response header, taken (HTTP/1) or copied (HTTP/2) for the downstream response.
+    pub fn take_header(&mut self) -> Option<ResponseHeader> {
+        match self {
+            Exchange::H1(r) => r.take_header(),
+            Exchange::Session(s) => s.response_header().cloned(),
+        }
+    }
+
     /// Hot path: the next piece of the response body (`None` at its end).
     pub async fn read_body(&mut self) -> pingora::Result<Option<Bytes>> {
         match self {

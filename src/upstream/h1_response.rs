@@ -169,6 +169,11 @@ impl<S: AsyncRead + Unpin> H1Response<S> {
         self.header.as_ref()
     }
 
+    /// The final response header, taken out (the reader needs it no more).
+    pub fn take_header(&mut self) -> Option<ResponseHeader> {
+        self.header.take()
+    }
+
     /// Whether the connection can carry another request: the body was read to its exact end
     /// and the response keeps the connection alive.
     pub fn reusable(&self) -> bool {
@@ -441,7 +446,9 @@ fn build_header(
         _ => http::Version::HTTP_10,
     };
     let h = &mut parts.headers;
-    h.reserve(named.len());
+    // Room for the fields llm-edge adds downstream (request id, framing, CORS), so the map is
+    // not grown again there.
+    h.reserve(named.len() + 6);
     for (name, from, to) in named {
         if fields.transfer_encoding && name == http::header::CONTENT_LENGTH {
             continue;
