@@ -18,7 +18,6 @@ use crate::upstream::keys::{Pick, PooledKey};
 use crate::upstream::replica::Replica;
 use crate::upstream::Upstream;
 use bytes::Bytes;
-use futures::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::HttpTask;
 use pingora::proxy::Session;
@@ -451,7 +450,7 @@ async fn relay(
         // When body bytes arrived with the header, send both in one write (one wakeup of the
         // client instead of two); otherwise the header goes now, so the client sees it while
         // the upstream is still thinking.
-        match us.read_body().now_or_never() {
+        match us.read_ready() {
             Some(Ok(c)) => {
                 relay.held_header = Some(down);
                 initial = Some(Step::Chunk(c));
@@ -673,7 +672,7 @@ fn coalesce_ready(us: &mut Exchange, first: Bytes) -> (Bytes, Option<Step>) {
     let mut len = first.len();
     let mut next = None;
     while len < COALESCE_LIMIT {
-        match us.read_body().now_or_never() {
+        match us.read_ready() {
             Some(Ok(Some(c))) => {
                 len += c.len();
                 if more.is_empty() {

@@ -4,6 +4,7 @@
 
 use super::h1_response::H1Response;
 use bytes::Bytes;
+use futures::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::Stream;
@@ -55,6 +56,14 @@ impl Exchange {
         match self {
             Exchange::H1(r) => r.take_header(),
             Exchange::Session(s) => s.response_header().cloned(),
+        }
+    }
+
+    /// Hot path: the next piece of the response body if it is there without waiting.
+    pub fn read_ready(&mut self) -> Option<pingora::Result<Option<Bytes>>> {
+        match self {
+            Exchange::H1(r) => r.read_ready(),
+            Exchange::Session(s) => s.read_response_body().now_or_never(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! after it, on a connection the response keeps alive, lets the connection be reused.
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 use std::mem::MaybeUninit;
@@ -80,6 +81,8 @@ pub struct H1Response<S> {
     head_request: bool,
     read_size: usize,
     read_timeout: Option<Duration>,
+    /// The last read took less than it had room for: the socket had nothing more then.
+    drained: bool,
 }
 
 fn invalid(what: &'static str, detail: impl std::fmt::Display) -> Box<Error> {
@@ -156,6 +159,7 @@ impl<S: AsyncRead + Unpin> H1Response<S> {
             head_request,
             read_size: FIRST_READ,
             read_timeout: None,
+            drained: false,
         }
     }
 
@@ -207,6 +211,7 @@ impl<S: AsyncRead + Unpin> H1Response<S> {
             None => read.await,
         }
         .map_err(|e| Error::because(ErrorType::ReadError, "reading from the upstream", e))?;
+        self.drained = n < spare;
         if n == spare && self.read_size < MAX_READ {
             self.read_size *= 2;
         }
@@ -379,6 +384,20 @@ impl<S: AsyncRead + Unpin> H1Response<S> {
                     return Ok(Next::Data(self.buf.split().freeze()));
                 }
             }
+        }
+    }
+
+    /// Hot path: what [`Self::read_body`] gives without waiting (`None`: nothing yet). After a
+    /// read that drained the socket the buffer alone is looked at: tokio clears a socket's
+    /// readiness after a short read, so reading again before the next poll only comes back
+    /// empty, through several layers (about 300 instructions per chunk, callgrind S5).
+    pub fn read_ready(&mut self) -> Option<Result<Option<Bytes>>> {
+        match self.next_buffered() {
+            Ok(Next::Data(d)) => Some(Ok(Some(d))),
+            Ok(Next::Done) => Some(Ok(None)),
+            Err(e) => Some(Err(e)),
+            Ok(Next::More) if self.drained => None,
+            Ok(Next::More) => self.read_body().now_or_never(),
         }
     }
 
@@ -794,6 +813,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ready_reads_stop_at_a_drained_socket_and_miss_nothing() {
+        let first =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n";
+        let mut wire = first.to_vec();
+        wire.extend_from_slice(b"2\r\ngh\r\n0\r\n\r\n");
+        let mut r = reader(&wire, first.len());
+        r.read_header().await.unwrap();
+        // Both chunks of the first read come from the buffer; then the short read means the
+        // socket is not read again.
+        assert_eq!(r.read_ready().unwrap().unwrap().unwrap(), "abc");
+        assert_eq!(r.read_ready().unwrap().unwrap().unwrap(), "def");
+        let polls = r.io.polls;
+        assert!(r.read_ready().is_none());
+        assert_eq!(
+            r.io.polls, polls,
+            "the socket was polled after a short read"
+        );
+        assert_eq!(r.read_body().await.unwrap().unwrap(), "gh");
+        assert_eq!(r.read_ready().unwrap().unwrap(), None);
+        assert!(r.reusable());
+        // A read that filled the buffer may have left more behind: the socket is tried.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 20000\r\n\r\n{}",
+            "x".repeat(20000)
+        );
+        let mut r = reader(big.as_bytes(), big.len());
+        r.read_header().await.unwrap();
+        let mut got = 0;
+        while let Some(Ok(Some(d))) = r.read_ready() {
+            got += d.len();
+        }
+        assert_eq!(got, 20000);
+    }
+
+    #[tokio::test]
     async fn a_cancelled_read_loses_nothing() {
         use futures::FutureExt;
         let wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n";
@@ -825,7 +879,7 @@ mod tests {
             at: usize,
             step: usize,
             pending_every: usize,
-            polls: usize,
+            pub polls: usize,
         }
 
         impl Pieces {
