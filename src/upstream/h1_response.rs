@@ -1,6 +1,7 @@
 //! Hot path: reads an upstream's HTTP/1 response for the API forwarder. The header is parsed
 //! once (httparse) into the header the forwarder works from, and body bytes are handed out as
-//! slices of the one read buffer (no copy per chunk).
+//! slices of the one read buffer (no copy per chunk), which starts again at its front once
+//! emptied.
 //!
 //! Pingora's client session did the same work with a second header map for name case, a fresh
 //! 64 KiB body buffer and a copy of every chunk, and took each 1xx interim response for the
@@ -25,8 +26,10 @@ const MAX_HEADERS: usize = 128;
 const MAX_HEAD: usize = 256 << 10;
 /// Largest trailer section of a chunked body, and longest chunk-size line.
 const MAX_TRAILERS: usize = 64 << 10;
-/// First read size; doubled while reads fill the buffer, up to `MAX_READ`.
-const FIRST_READ: usize = 8 << 10;
+/// First read size; doubled while reads fill the buffer, up to `MAX_READ`. One page: a JSON
+/// reply or a stream's header fits, and each open stream holds one buffer (8 KiB cost about
+/// 3 KB more per stream in S5, 4 KiB one more read per S3 burst over 4 KiB).
+const FIRST_READ: usize = 4 << 10;
 const MAX_READ: usize = 64 << 10;
 
 /// Where the body stands.
@@ -192,7 +195,10 @@ impl<S: AsyncRead + Unpin> H1Response<S> {
     /// Reads more bytes into the buffer; `Ok(0)` at the end of the stream.
     async fn fill(&mut self) -> Result<usize> {
         let spare = self.buf.capacity() - self.buf.len();
-        if spare < self.read_size / 2 {
+        // An emptied buffer starts again at the front of its allocation (`reserve` reclaims
+        // it once the pieces handed out are dropped): walking on through it touched every
+        // page of it over a long stream (S5 peak memory).
+        if spare < self.read_size / 2 || (self.buf.is_empty() && spare < self.read_size) {
             self.buf.reserve(self.read_size);
         }
         let spare = self.buf.capacity() - self.buf.len();
@@ -276,7 +282,11 @@ impl<S: AsyncRead + Unpin> H1Response<S> {
                 named.push((name, at, at + h.value.len()));
             }
             let version = resp.version;
-            let head = self.buf.split_to(len).freeze();
+            // A copy of its own: header values sharing the read buffer would pin it for as
+            // long as the response header lives (the whole stream, downstream), so every
+            // buffer refill would need a new allocation (S5 peak memory).
+            let head = Bytes::copy_from_slice(&self.buf[..len]);
+            self.buf.advance(len);
             self.header = Some(build_header(code, version, &head, named, &fields)?);
             self.keep_alive = match version {
                 Some(1) => !fields.close,
