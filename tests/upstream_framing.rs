@@ -850,7 +850,12 @@ async fn non_numeric_content_length_is_a_502() {
 
     let resp = call(&proxy, 0).await;
 
-    assert_error(resp, 502, "upstream_unreachable").await;
+    let v = assert_error(resp, 502, "upstream_unreachable").await;
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("invalid response") && message.contains("invalid content-length"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

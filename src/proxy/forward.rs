@@ -636,10 +636,16 @@ async fn send(
                 "no response header from replica {name} within {first_byte:?}"
             ))));
         }
-        let why = format!(
-            "reading the response header from replica {name}: {}",
-            e.etype().as_str()
-        );
+        let why = match (e.etype(), &e.context) {
+            // The reader says what was wrong with the answer (status line, a length, size).
+            (ErrorType::InvalidHTTPHeader, Some(what)) => {
+                format!("replica {name} sent an invalid response: {}", what.as_str())
+            }
+            _ => format!(
+                "reading the response header from replica {name}: {}",
+                e.etype().as_str()
+            ),
+        };
         if reused {
             return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(why)));
         }
