@@ -1,9 +1,11 @@
 //! Criterion micro-benchmarks for the request hot path: path classification and slug decoding,
 //! top-level body edits (1 KiB / 100 KiB / 1 MiB), key selection, the usage scan of responses,
-//! and the per-request header work (request id, forwarding headers, the upstream request head).
+//! the per-request header work (request id, forwarding headers, the upstream request head), and
+//! reading the upstream's HTTP/1 response (header and body framing).
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures::FutureExt;
 use llm_edge::config::schema::UpstreamKind;
 use llm_edge::config::UpstreamKey;
 use llm_edge::observe::sse::SseSplitter;
@@ -11,6 +13,7 @@ use llm_edge::observe::usage::UsageScanner;
 use llm_edge::route::{api, slug};
 use llm_edge::shaping::body::{json_string, Edit, TopLevel};
 use llm_edge::trace::accumulate::{Accumulator, Flavor};
+use llm_edge::upstream::h1_response::H1Response;
 use llm_edge::upstream::keys::{KeyPool, Pick};
 use std::borrow::Cow;
 
@@ -452,6 +455,48 @@ fn bench_idle_pool(c: &mut Criterion) {
     });
 }
 
+/// Reads a whole response from memory (every read is ready): header, then every body piece.
+fn read_response(wire: &[u8]) -> usize {
+    let mut r = H1Response::new(wire, false);
+    let mut n = 0;
+    if let Some(Ok(())) = r.read_header().now_or_never() {
+        while let Some(Ok(Some(piece))) = r.read_body().now_or_never() {
+            n += piece.len();
+        }
+    }
+    n
+}
+
+fn bench_upstream_response(c: &mut Criterion) {
+    let mut g = c.benchmark_group("upstream_response");
+    let head = "HTTP/1.1 200 OK\r\ndate: Wed, 25 Nov 2026 20:00:00 GMT\r\nserver: uvicorn\r\n";
+    let reply = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"q","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}"#;
+    let json = format!(
+        "{head}content-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+        reply.len()
+    );
+    g.throughput(Throughput::Bytes(json.len() as u64));
+    g.bench_function("json_reply", |b| {
+        b.iter(|| read_response(black_box(json.as_bytes())))
+    });
+    // An SSE stream of 20 events, one chunk each, as vLLM sends it.
+    let stream = sse_stream(20);
+    let mut sse =
+        format!("{head}content-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for event in whole_events(&stream) {
+        sse.extend_from_slice(format!("{:x}\r\n", event.len()).as_bytes());
+        sse.extend_from_slice(event);
+        sse.extend_from_slice(b"\r\n");
+    }
+    sse.extend_from_slice(b"0\r\n\r\n");
+    g.throughput(Throughput::Bytes(sse.len() as u64));
+    g.bench_function("sse_20_chunks", |b| {
+        b.iter(|| read_response(black_box(&sse)))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_paths,
@@ -460,6 +505,7 @@ criterion_group!(
     bench_sse_accumulation,
     bench_usage_scan,
     bench_request_headers,
-    bench_idle_pool
+    bench_idle_pool,
+    bench_upstream_response
 );
 criterion_main!(benches);
