@@ -470,15 +470,10 @@ async fn one_mib_content_length_reply_arrives_byte_identical() {
     assert!(got == body.as_bytes(), "the 1 MiB body differs");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_1_0_content_length_reply_without_keep_alive_is_not_reused() {
-    // The upstream keeps the socket open: only the proxy's reading of "HTTP/1.0 without
-    // keep-alive" can make it open a new connection for the next call.
-    let body = "{\"ok\":\"1.0\"}";
-    let reply = format!(
-        "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+/// Two calls answered with `reply` (body `body`, JSON) by an upstream that keeps the socket
+/// open: only the proxy's reading of the reply can make it open a new connection for the
+/// second call, which it must.
+async fn each_call_gets_a_new_connection(reply: String, body: &str) {
     let up = RawUpstream::replying(Script::whole(reply));
     let proxy = Proxy::start(&vllm_config(&up.url()));
 
@@ -495,25 +490,23 @@ async fn http_1_0_content_length_reply_without_keep_alive_is_not_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_content_length_reply_without_keep_alive_is_not_reused() {
+    let body = "{\"ok\":\"1.0\"}";
+    let reply = format!(
+        "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    each_call_gets_a_new_connection(reply, body).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_close_on_an_http_1_1_reply_is_respected() {
-    // As above, the upstream keeps the socket open despite its `Connection: close`.
     let body = "{\"ok\":\"close\"}";
     let reply = format!(
         "HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let up = RawUpstream::replying(Script::whole(reply));
-    let proxy = Proxy::start(&vllm_config(&up.url()));
-
-    for n in 0..2 {
-        let (status, _, got) = call_whole(&proxy, n).await;
-        assert_eq!(status, 200, "request {n}");
-        assert_eq!(got, body.as_bytes(), "request {n}");
-        wait_logged(&proxy, n as u64 + 1).await;
-    }
-
-    assert_eq!(up.accepted(), 2, "each call had a connection of its own");
-    assert_eq!(up.per_conn(), [1, 1]);
+    each_call_gets_a_new_connection(reply, body).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
