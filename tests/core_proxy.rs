@@ -6,7 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::harness::{free_port, Proxy};
 use common::mock::{Mock, Reply, StreamEnd, StreamLog};
-use common::{assert_error, assert_error_shape, client, post, within};
+use common::{assert_error, client, post, within};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -515,23 +515,8 @@ async fn upstream_abort_mid_stream_ends_with_error_event_and_broken_body() {
     let log = mock.wait_stream(1, ms(1000)).await;
     assert_eq!(log.end().map(|e| e.1), Some(StreamEnd::Aborted));
     let sent: Vec<u8> = chunks.iter().flat_map(|(_, c)| c.to_vec()).collect();
-    let text = String::from_utf8(received).unwrap();
     let sent = String::from_utf8(sent).unwrap();
-    assert!(
-        text.starts_with(&sent),
-        "the chunks sent before the abort arrive first: {text:?}"
-    );
-    let event = &text[sent.len()..];
-    let json = event
-        .strip_prefix("data: ")
-        .and_then(|e| e.strip_suffix("\n\n"))
-        .unwrap_or_else(|| panic!("then one SSE error event: {event:?}"));
-    let v: serde_json::Value = serde_json::from_str(json).unwrap();
-    assert_error_shape(&v, "upstream_stream_error");
-    assert!(
-        failed.is_some(),
-        "the body must not end cleanly after an upstream abort"
-    );
+    common::assert_sent_then_error_event(&received, failed, &sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@
 mod common;
 
 use common::harness::Proxy;
-use common::{assert_error, assert_error_shape, letters, post, within};
+use common::{assert_error, assert_sent_then_error_event, letters, post, within};
 use futures::StreamExt;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -397,27 +397,6 @@ async fn wait_logged(proxy: &Proxy, n: u64) {
         );
         tokio::time::sleep(ms(5)).await;
     }
-}
-
-/// Asserts that an SSE body is `sent` followed by one llm-edge error event
-/// (`upstream_stream_error`), and that the body failed instead of ending cleanly.
-fn assert_sent_then_error_event(got: &[u8], failed: Option<reqwest::Error>, sent: &str) {
-    let text = String::from_utf8(got.to_vec()).expect("utf-8 stream");
-    assert!(
-        text.starts_with(sent),
-        "the events sent before the break arrive first, intact: {text:?}"
-    );
-    let event = &text[sent.len()..];
-    let json = event
-        .strip_prefix("data: ")
-        .and_then(|e| e.strip_suffix("\n\n"))
-        .unwrap_or_else(|| panic!("then exactly one SSE error event: {event:?}"));
-    let v: serde_json::Value = serde_json::from_str(json).expect("the error event is JSON");
-    assert_error_shape(&v, "upstream_stream_error");
-    assert!(
-        failed.is_some(),
-        "the body must not end cleanly after the upstream stream broke: {text:?}"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
