@@ -23,7 +23,15 @@ use std::borrow::Cow;
 /// Reads the whole request body, refusing more than `limit` bytes. A declared
 /// `Content-Length` over the limit is refused before reading anything.
 pub async fn read_body(session: &mut Session, limits: &Limits) -> Result<Bytes, EdgeError> {
-    let limit = limits.max_body;
+    read_body_up_to(session, limits, limits.max_body).await
+}
+
+/// [`read_body`] with a limit of its own; the timeouts are still `limits`'.
+pub async fn read_body_up_to(
+    session: &mut Session,
+    limits: &Limits,
+    limit: usize,
+) -> Result<Bytes, EdgeError> {
     let declared = session
         .req_header()
         .headers

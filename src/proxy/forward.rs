@@ -48,9 +48,12 @@ fn is_key_refused(status: u16) -> bool {
 const DECISION_BODY_CAP: usize = 1 << 20;
 
 /// What went wrong with one attempt, before anything was sent downstream.
-enum AttemptError {
-    /// Try another replica (connect failure, stale pooled connection).
+pub(super) enum AttemptError {
+    /// Try another replica (connect failure, bad answer on a fresh connection).
     Retry(EdgeError),
+    /// A pooled connection the upstream had closed: says nothing of the replica, which may
+    /// take the request again on a fresh connection.
+    Stale(EdgeError),
     /// Give up now (timeouts: retrying would double a long wait).
     Fatal(EdgeError),
 }
@@ -192,6 +195,14 @@ pub async fn forward(
         };
         let mut us = match send(connector, &replica, &request, deadline, &t).await {
             Ok(us) => us,
+            Err(AttemptError::Stale(e)) => {
+                // The replica may take the request again, on a fresh connection.
+                tracing::info!(upstream = %up.cfg.name, replica = %replica.label, attempt, "{e}");
+                tried_replicas.retain(|a| Some(*a) != this_replica);
+                retry_reason = Some(RetryReason::ConnectError);
+                last_err = Some(e);
+                continue;
+            }
             Err(AttemptError::Retry(e)) => {
                 tracing::warn!(upstream = %up.cfg.name, replica = %replica.label, attempt, "{e}");
                 retry_reason = Some(match e {
@@ -307,7 +318,7 @@ pub async fn forward(
 }
 
 /// Why a call found no replica to try.
-fn no_replica(up: &Upstream) -> EdgeError {
+pub(super) fn no_replica(up: &Upstream) -> EdgeError {
     if up.replica_count() == 0 && up.egress_refused() > 0 {
         EdgeError::EgressRefused(format!(
             "every address upstream {:?} resolved to is refused by the egress policy",
@@ -322,7 +333,7 @@ fn no_replica(up: &Upstream) -> EdgeError {
 }
 
 /// Jittered exponential backoff before a retry: ~25 ms, 50 ms, 100 ms … capped at 1 s.
-async fn backoff(attempt: usize) {
+pub(super) async fn backoff(attempt: usize) {
     let base = 25u64 << attempt.min(6);
     let jitter = crate::ids::new_id("")
         .bytes()
@@ -402,7 +413,7 @@ async fn pass_through(
 /// Relays a response whose header has been read: header now (or held for a JSON rewrite),
 /// then the body chunk by chunk.
 #[allow(clippy::too_many_arguments)]
-async fn relay(
+pub(super) async fn relay(
     session: &mut Session,
     us: &mut Exchange,
     replica: &Replica,
@@ -477,10 +488,13 @@ async fn relay(
 }
 
 /// What one attempt sends (the key may differ between attempts).
-struct Request<'a> {
-    out: &'a Outbound<'a>,
-    key: Option<&'a PooledKey>,
-    ours: &'a [(http::HeaderName, http::HeaderValue)],
+pub(super) struct Request<'a> {
+    /// The call.
+    pub out: &'a Outbound<'a>,
+    /// The upstream key of this attempt.
+    pub key: Option<&'a PooledKey>,
+    /// Headers llm-edge sets itself (forwarding headers, request id).
+    pub ours: &'a [(http::HeaderName, http::HeaderValue)],
 }
 
 /// Writes all of `bufs` (vectored: one syscall for head and body when the socket takes it).
@@ -589,7 +603,7 @@ fn sending_failed(replica: &Replica, why: String) -> AttemptError {
 }
 
 /// Connects (or reuses a pooled connection), sends header and body, reads the response header.
-async fn send(
+pub(super) async fn send(
     connector: &Connector,
     replica: &Replica,
     req: &Request<'_>,
@@ -625,7 +639,10 @@ async fn send(
     };
     // Boxed: writing is brief, but its state is the largest of the whole call, which would
     // otherwise keep every open stream's future that large (S5 peak memory).
-    let mut us = Box::pin(write_request(us, replica, req, t.idle)).await?;
+    let mut us = match Box::pin(write_request(us, replica, req, t.idle)).await {
+        Err(AttemptError::Retry(e)) if reused => return Err(AttemptError::Stale(e)),
+        other => other?,
+    };
     let first_byte = t
         .first_byte
         .min(deadline.saturating_duration_since(Instant::now()));
@@ -647,7 +664,7 @@ async fn send(
             ),
         };
         if reused {
-            return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(why)));
+            return Err(AttemptError::Stale(EdgeError::UpstreamUnreachable(why)));
         }
         replica.mark_connect_failure();
         return Err(AttemptError::Retry(EdgeError::UpstreamUnreachable(why)));

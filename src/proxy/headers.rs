@@ -32,6 +32,14 @@ const NOT_FORWARDED_ON_API_CALLS: [&str; 7] = [
     "http2-settings",
 ];
 
+/// Client headers that are ours to set on a pass-through request the forwarder sends.
+const NOT_FORWARDED_ON_PASS_THROUGH: [&str; 4] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "http2-settings",
+];
+
 /// Client credentials: never forwarded upstream.
 pub const CLIENT_CREDENTIALS: [&str; 2] = ["authorization", "x-api-key"];
 
@@ -60,7 +68,18 @@ fn dropped_on_api_call(name: &HeaderName, nominated: &[HeaderName]) -> bool {
         || nominated.contains(name)
 }
 
-/// The client's request as an API call forwards it: the method and the end-to-end headers
+/// Whether a client header is dropped from a pass-through request the forwarder sends: as on
+/// Pingora's proxy path, everything end to end goes except credentials and forwarding headers
+/// (`Accept-Encoding` included: nothing observes the body).
+fn dropped_on_pass_through(name: &HeaderName, nominated: &[HeaderName]) -> bool {
+    let n = name.as_str();
+    is_hop_by_hop(name)
+        || NOT_FORWARDED_ON_PASS_THROUGH.contains(&n)
+        || stripped_on_passthrough(n)
+        || nominated.contains(name)
+}
+
+/// The client's request as the forwarder sends it: the method and the end-to-end headers
 /// that go upstream, in order. Taken once per call, since every attempt sends the same ones;
 /// credentials, hop-by-hop headers, ours to set and the names in `ours` are left out.
 pub struct ClientHead {
@@ -68,23 +87,43 @@ pub struct ClientHead {
     pub method: http::Method,
     /// The client headers forwarded upstream.
     pub headers: Vec<(HeaderName, http::HeaderValue)>,
+    /// Whether the request declares its body length: always for API calls; for pass-through
+    /// requests when the client did (a bodiless GET gets no `Content-Length: 0`).
+    pub declares_length: bool,
 }
 
 impl ClientHead {
-    /// The forwarded part of `client`; `ours` are the headers llm-edge sets itself.
+    /// The forwarded part of an API call; `ours` are the headers llm-edge sets itself.
     pub fn of(client: &RequestHeader, ours: &[(HeaderName, http::HeaderValue)]) -> Self {
+        Self::keeping(client, ours, dropped_on_api_call, true)
+    }
+
+    /// The forwarded part of a pass-through request; `ours` as for [`ClientHead::of`].
+    pub fn of_pass_through(
+        client: &RequestHeader,
+        ours: &[(HeaderName, http::HeaderValue)],
+    ) -> Self {
+        let declares_length = client.headers.contains_key(header::CONTENT_LENGTH);
+        Self::keeping(client, ours, dropped_on_pass_through, declares_length)
+    }
+
+    fn keeping(
+        client: &RequestHeader,
+        ours: &[(HeaderName, http::HeaderValue)],
+        dropped: fn(&HeaderName, &[HeaderName]) -> bool,
+        declares_length: bool,
+    ) -> Self {
         let nominated = connection_nominated(&client.headers);
         let headers = client
             .headers
             .iter()
-            .filter(|(name, _)| {
-                !dropped_on_api_call(name, &nominated) && !ours.iter().any(|(k, _)| k == *name)
-            })
+            .filter(|(name, _)| !dropped(name, &nominated) && !ours.iter().any(|(k, _)| k == *name))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
         Self {
             method: client.method.clone(),
             headers,
+            declares_length,
         }
     }
 }
@@ -113,7 +152,9 @@ pub fn upstream_api_request(
         req.insert_header(k.clone(), v.clone())?;
     }
     req.insert_header(header::HOST, endpoint.authority.as_str())?;
-    req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+    if client.declares_length || body_len > 0 {
+        req.insert_header(header::CONTENT_LENGTH, body_len.to_string())?;
+    }
     if let Some(k) = key {
         req.insert_header(k.header.clone(), k.value.clone())?;
     }
@@ -162,8 +203,10 @@ pub fn api_request_h1_head(
     for (k, v) in ours {
         line(buf, k.as_str().as_bytes(), v.as_bytes());
     }
-    let mut digits = [0u8; 20];
-    line(buf, b"Content-Length", decimal(body_len, &mut digits));
+    if client.declares_length || body_len > 0 {
+        let mut digits = [0u8; 20];
+        line(buf, b"Content-Length", decimal(body_len, &mut digits));
+    }
     if let Some(k) = key {
         line(buf, k.header.as_str().as_bytes(), k.value.as_bytes());
     }
@@ -293,8 +336,11 @@ pub fn downstream_response(
     }
     add_ours_to(h, ours)?;
     // Without a length the body is delimited by chunked encoding (Pingora would otherwise end
-    // it by closing the connection, making a broken stream look complete).
-    if !h.contains_key(header::CONTENT_LENGTH) {
+    // it by closing the connection, making a broken stream look complete). Responses that
+    // never have a body (1xx, 204, 304) must not say `Transfer-Encoding` (RFC 9112 §6.1).
+    let bodiless = parts.status.is_informational() || matches!(parts.status.as_u16(), 204 | 304);
+    let h = &mut parts.headers;
+    if !bodiless && !h.contains_key(header::CONTENT_LENGTH) {
         h.insert(
             header::TRANSFER_ENCODING,
             http::HeaderValue::from_static("chunked"),

@@ -178,9 +178,20 @@ impl ProxyHttp for EdgeProxy {
                 Some(pt) => {
                     ctx.kind = RequestKind::Passthrough;
                     ctx.upstream = Some(pt.upstream.cfg.name.clone());
-                    ctx.pass_through = Some(pt);
                     ctx.path_meta = Some(meta);
-                    return Ok(false);
+                    if !passthrough::fits_forwarder(session.req_header(), session.is_http2()) {
+                        ctx.pass_through = Some(pt);
+                        return Ok(false);
+                    }
+                    // Boxed, as the API call's future is (Pingora moves the request future).
+                    Box::pin(passthrough::forward(
+                        session,
+                        &self.connector,
+                        &snap,
+                        &pt,
+                        ctx,
+                    ))
+                    .await
                 }
                 None => {
                     ctx.path_meta = Some(meta);
