@@ -357,6 +357,7 @@ async fn route_and_forward(
         strip,
         model: upstream_model,
         session: session_value.as_deref(),
+        error_event: true,
     };
     forward::forward(session, connector, out, ctx, obs).await
 }

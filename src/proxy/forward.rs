@@ -74,6 +74,9 @@ pub struct Outbound<'a> {
     pub model: &'a str,
     /// Session affinity key (`key_strategy: session`).
     pub session: Option<&'a [u8]>,
+    /// Whether an SSE stream that breaks gets llm-edge's error event before it is aborted
+    /// (API calls); pass-through streams are only aborted, as on Pingora's proxy path.
+    pub error_event: bool,
 }
 
 /// A response already read (status decided it), kept to pass through if no retry is possible.
@@ -442,7 +445,7 @@ pub(super) async fn relay(
         o.begin(is_sse);
     }
     let mut relay = Relay {
-        is_sse,
+        error_event: is_sse && out.error_event,
         transform,
         held_header: None,
         header_sent: false,
@@ -737,7 +740,8 @@ enum Transform {
 
 /// Relay state for one response.
 struct Relay {
-    is_sse: bool,
+    /// A break ends the stream with an SSE error event first.
+    error_event: bool,
     transform: Transform,
     /// Header not yet sent (JSON rewrite: sent with the rewritten body; otherwise sent with
     /// the first body bytes).
@@ -892,7 +896,7 @@ async fn stream_body(
                     )),
                 };
                 if relay.held_header.is_none() {
-                    end_broken_stream(session, relay.is_sse, tail, &err).await;
+                    end_broken_stream(session, relay.error_event, tail, &err).await;
                 }
                 return Err(err);
             }

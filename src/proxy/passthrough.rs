@@ -84,6 +84,7 @@ pub async fn forward(
         strip: None,
         model: "",
         session: None,
+        error_event: false,
     };
     let key = up.keys.pick();
     ctx.key_id = key.map(|k| k.id.clone());
