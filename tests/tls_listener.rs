@@ -373,6 +373,71 @@ fn arrival_of_byte(pieces: &[(Instant, Bytes)], len: usize) -> Instant {
     panic!("only {total} bytes arrived, wanted {len}");
 }
 
+/// Over h2 a request need not declare its body length: one that does (a small POST) takes the
+/// forwarder, one that does not (a GET) Pingora's proxy path; both arrive exactly, and a
+/// pass-through stream comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_over_h2_with_and_without_a_declared_length() {
+    let dir = TempDir::new("tls-h2-pass");
+    let chunks = sse_chunks(5, Duration::from_millis(5));
+    let expected_stream: Vec<u8> = chunks.iter().flat_map(|(_, c)| c.to_vec()).collect();
+    let mock = Mock::start(move |r| match r.uri.as_str() {
+        "/events" => Reply::sse(chunks.clone()),
+        _ => Reply::json(200, format!("{{\"got\":{}}}", r.body.len())),
+    });
+    let proxy = TlsProxy::start(&dir, &config(&mock.url()));
+    let h2 = proxy.https_client(false);
+    let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+
+    let post = within(
+        Duration::from_secs(10),
+        "an h2 POST",
+        h2.post(proxy.https_url("/raw/upload"))
+            .body(body.clone())
+            .send(),
+    )
+    .await
+    .expect("h2 POST");
+    assert_eq!(post.version(), reqwest::Version::HTTP_2);
+    assert_eq!(post.status(), 200);
+    assert_eq!(post.text().await.unwrap(), "{\"got\":5000}");
+
+    let get = within(
+        Duration::from_secs(10),
+        "an h2 GET",
+        h2.get(proxy.https_url("/raw/v1/models")).send(),
+    )
+    .await
+    .expect("h2 GET");
+    assert_eq!(get.status(), 200);
+    assert_eq!(get.text().await.unwrap(), "{\"got\":0}");
+
+    let stream = within(
+        Duration::from_secs(10),
+        "an h2 pass-through stream",
+        h2.post(proxy.https_url("/raw/events")).body("{}").send(),
+    )
+    .await
+    .expect("h2 stream");
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.bytes().await.unwrap(), expected_stream);
+
+    let got = mock.requests();
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(
+        (got[0].method.as_str(), got[0].uri.as_str()),
+        ("POST", "/upload")
+    );
+    assert!(got[0].body == body, "the h2 upload arrived byte-identical");
+    assert_eq!(got[0].header("content-length"), Some("5000"));
+    assert_eq!(
+        (got[1].method.as_str(), got[1].uri.as_str()),
+        ("GET", "/v1/models")
+    );
+    assert!(got[1].body.is_empty());
+    assert_eq!(got[2].body_str(), "{}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_sees_forwarded_proto_https() {
     let dir = TempDir::new("tls-xfp");
