@@ -909,3 +909,26 @@ async fn api_call_on_a_pooled_connection_closed_unanswered_is_retried_on_a_fresh
     )
     .await;
 }
+
+/// A body cut short by the client: with the whole body read before anything is sent, the
+/// upstream never sees a partial request (Pingora's path would have started forwarding it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_by_the_client_never_reaches_the_upstream() {
+    let mock = Mock::replying(Reply::json(200, "{}"));
+    let proxy = Proxy::start(&config(&[&mock.url()], ""));
+
+    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
+    let head = "POST /raw/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&binary(400)).await.unwrap();
+    drop(conn);
+
+    // The proxy logs the request once it gave up on it; then the upstream count is final.
+    wait_logged(&proxy, 1).await;
+    assert_eq!(
+        mock.accepted(),
+        0,
+        "no upstream connection for a cut request"
+    );
+    assert!(mock.requests().is_empty());
+}
