@@ -8,8 +8,7 @@ mod common;
 use bytes::Bytes;
 use common::harness::{free_port, Proxy};
 use common::mock::{Mock, Recorded, Reply, StreamEnd};
-use common::{assert_error, client, within};
-use futures::StreamExt;
+use common::{assert_error, client, read_until_end, wait_logged, within};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,47 +68,6 @@ fn header<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {
 /// `n` bytes covering every byte value, in an order a truncation or shift would show.
 fn binary(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
-}
-
-/// Reads a response body until it ends or fails; returns the bytes and the failure, if any.
-async fn read_until_end(resp: reqwest::Response) -> (Vec<u8>, Option<reqwest::Error>) {
-    let mut body = resp.bytes_stream();
-    let mut got = Vec::new();
-    while let Some(item) = within(EXCHANGE, "reading the body", body.next()).await {
-        match item {
-            Ok(c) => got.extend_from_slice(&c),
-            Err(e) => return (got, Some(e)),
-        }
-    }
-    (got, None)
-}
-
-/// Waits until the proxy has logged `n` requests (`llm_edge_requests_total`). The upstream
-/// connection goes back to the pool before the request is logged, while the client can have
-/// the whole body a moment earlier: tests about connection reuse wait for this first.
-async fn wait_logged(proxy: &Proxy, n: u64) {
-    let url = proxy.admin_url("/metrics");
-    let logged = || async {
-        let text = client().get(&url).send().await.ok()?.text().await.ok()?;
-        let total: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("llm_edge_requests_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        Some(total as u64)
-    };
-    let deadline = Instant::now() + EXCHANGE;
-    loop {
-        let got = logged().await;
-        if got == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxy logged {got:?} requests, expected {n}"
-        );
-        tokio::time::sleep(ms(5)).await;
-    }
 }
 
 fn assert_no_client_secret(r: &Recorded) {
@@ -738,15 +696,7 @@ async fn client_disconnect_mid_stream_closes_the_upstream_request() {
     drop(resp);
     let dropped_at = Instant::now();
 
-    let end = log.wait_end(Duration::from_secs(3)).await;
-    let (ended_at, how) = end.expect("the upstream stream ended after the client left");
-    assert_eq!(how, StreamEnd::Dropped);
-    let after = ended_at.saturating_duration_since(dropped_at);
-    assert!(
-        after < Duration::from_secs(1),
-        "the upstream saw the disconnect {after:?} after the client left"
-    );
-    assert!(log.emitted().len() < 100);
+    common::assert_upstream_dropped_soon(&log, dropped_at).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@
 mod common;
 
 use common::harness::Proxy;
-use common::{assert_error, assert_sent_then_error_event, letters, post, within};
-use futures::StreamExt;
+use common::{
+    assert_error, assert_sent_then_error_event, letters, post, read_until_end, wait_logged, within,
+};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -348,55 +349,6 @@ async fn call_whole(proxy: &Proxy, n: usize) -> (u16, Option<String>, Vec<u8>) {
         .await
         .unwrap_or_else(|e| panic!("request {n}: the body did not complete cleanly: {e}"));
     (status, ct, body.to_vec())
-}
-
-/// Reads a response body until it ends or fails; returns the bytes and the failure, if any.
-async fn read_until_end(resp: reqwest::Response) -> (Vec<u8>, Option<reqwest::Error>) {
-    let mut body = resp.bytes_stream();
-    let mut got = Vec::new();
-    while let Some(item) = within(EXCHANGE, "reading the body", body.next()).await {
-        match item {
-            Ok(c) => got.extend_from_slice(&c),
-            Err(e) => return (got, Some(e)),
-        }
-    }
-    (got, None)
-}
-
-/// Waits until the proxy has logged `n` calls (`llm_edge_requests_total`). The forwarder puts
-/// the upstream connection back in its pool before the call is logged, while the client can
-/// have the whole body a moment earlier: tests that count connections wait for this before
-/// the next call, so a connection still being released does not show as a new one.
-async fn wait_logged(proxy: &Proxy, n: u64) {
-    let url = proxy.admin_url("/metrics");
-    let logged = || async {
-        let text = common::client()
-            .get(&url)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let total: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("llm_edge_requests_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        Some(total as u64)
-    };
-    let deadline = Instant::now() + EXCHANGE;
-    loop {
-        let got = logged().await;
-        if got == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxy logged {got:?} calls, expected {n}"
-        );
-        tokio::time::sleep(ms(5)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -122,3 +122,62 @@ pub fn assert_sent_then_error_event(got: &[u8], failed: Option<reqwest::Error>, 
         "the body must not end cleanly after the upstream stream broke: {text:?}"
     );
 }
+
+/// Reads a response body until it ends or fails (each piece within 5 s); returns the bytes and
+/// the failure, if any.
+pub async fn read_until_end(resp: reqwest::Response) -> (Vec<u8>, Option<reqwest::Error>) {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    while let Some(item) = within(Duration::from_secs(5), "reading the body", body.next()).await {
+        match item {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(e) => return (got, Some(e)),
+        }
+    }
+    (got, None)
+}
+
+/// Waits (up to 5 s) until the proxy has logged `n` requests (`llm_edge_requests_total`). The
+/// forwarder puts the upstream connection back in its pool before the request is logged, while
+/// the client can have the whole body a moment earlier: tests that count upstream connections
+/// wait for this before the next request, so a connection still being released does not show
+/// as a new one.
+pub async fn wait_logged(proxy: &harness::Proxy, n: u64) {
+    let url = proxy.admin_url("/metrics");
+    let logged = || async {
+        let text = client().get(&url).send().await.ok()?.text().await.ok()?;
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("llm_edge_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Some(total as u64)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = logged().await;
+        if got == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy logged {got:?} requests, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// After the client dropped a streaming response at `dropped_at`: the upstream's stream must
+/// end as dropped within a second, well before the mock ran out of chunks to send.
+pub async fn assert_upstream_dropped_soon(log: &mock::StreamLog, dropped_at: Instant) {
+    let end = log.wait_end(Duration::from_secs(3)).await;
+    let (ended_at, how) = end.expect("the upstream stream ended after the client left");
+    assert_eq!(how, mock::StreamEnd::Dropped);
+    let after = ended_at.saturating_duration_since(dropped_at);
+    assert!(
+        after < Duration::from_secs(1),
+        "the upstream saw the disconnect {after:?} after the client left"
+    );
+    assert!(log.emitted().len() < 100);
+}
