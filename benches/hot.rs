@@ -406,6 +406,27 @@ fn bench_request_headers(c: &mut Criterion) {
             buf.len()
         })
     });
+    g.bench_function("passthrough_h1_head", |b| {
+        let mut buf = bytes::BytesMut::with_capacity(1024);
+        b.iter(|| {
+            buf.clear();
+            // A small pass-through request on the forwarder: the decision, then the head.
+            let fits = llm_edge::proxy::passthrough::fits_forwarder(black_box(&client), false);
+            let head = headers::ClientHead::of_pass_through(black_box(&client), &ours);
+            headers::api_request_h1_head(
+                &mut buf,
+                &head,
+                "/v1/chat/completions",
+                &ep,
+                None,
+                291,
+                &ours,
+            )
+            .unwrap();
+            (fits, buf.len())
+        })
+    });
+    // Pingora's proxy path (large or chunked pass-through bodies).
     g.bench_function("passthrough_rewrite", |b| {
         b.iter(|| {
             let mut req = black_box(&client).clone();
