@@ -1,7 +1,7 @@
 //! The forwarder (DESIGN §1): sends a fully read body over the pooled connections, retries on
 //! another key or replica before the first byte goes downstream, then streams the response
 //! back chunk by chunk. API calls use all of it ([`forward`]); small pass-through requests use
-//! its steps ([`send`], [`relay`]) with their own, plainer retry rule (`passthrough`).
+//! its steps (`send`, `relay`) with their own, plainer retry rule (`passthrough`).
 
 use super::ctx::RequestCtx;
 use super::headers;
