@@ -350,7 +350,7 @@ pub fn downstream_response(
 }
 
 /// Adds llm-edge's own response headers (request id, CORS, rate limits) to a response. The
-/// edits go to the header's parts (one map, see [`take_parts`]).
+/// edits go to the header's parts (one map, see `take_parts`).
 pub fn add_ours(resp: &mut ResponseHeader, ours: &[(&'static str, String)]) -> pingora::Result<()> {
     if ours.is_empty() {
         return Ok(());
