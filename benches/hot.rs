@@ -387,22 +387,18 @@ fn bench_request_headers(c: &mut Criterion) {
             http::HeaderValue::from_static("req_0123456789abcdef01234567"),
         )])
         .collect();
+    // The head the forwarder writes for either kind of request.
+    let write_head = |buf: &mut bytes::BytesMut, head: &headers::ClientHead| {
+        headers::api_request_h1_head(buf, head, "/v1/chat/completions", &ep, None, 291, &ours)
+            .unwrap();
+    };
     g.bench_function("api_h1_head", |b| {
         let mut buf = bytes::BytesMut::with_capacity(1024);
         b.iter(|| {
             buf.clear();
             // What each call does: take the forwarded headers, then write the head.
             let head = headers::ClientHead::of(black_box(&client), &ours);
-            headers::api_request_h1_head(
-                &mut buf,
-                &head,
-                "/v1/chat/completions",
-                &ep,
-                None,
-                291,
-                &ours,
-            )
-            .unwrap();
+            write_head(&mut buf, &head);
             buf.len()
         })
     });
@@ -413,16 +409,7 @@ fn bench_request_headers(c: &mut Criterion) {
             // A small pass-through request on the forwarder: the decision, then the head.
             let fits = llm_edge::proxy::passthrough::fits_forwarder(black_box(&client), false);
             let head = headers::ClientHead::of_pass_through(black_box(&client), &ours);
-            headers::api_request_h1_head(
-                &mut buf,
-                &head,
-                "/v1/chat/completions",
-                &ep,
-                None,
-                291,
-                &ours,
-            )
-            .unwrap();
+            write_head(&mut buf, &head);
             (fits, buf.len())
         })
     });
