@@ -5,6 +5,7 @@ use crate::admin::AdminService;
 use crate::config::Config;
 use crate::demo::DemoUpstream;
 use crate::observe::ledger::Ledger;
+use crate::proxy::front::EdgeApp;
 use crate::proxy::EdgeProxy;
 use crate::runtime::Runtime;
 use crate::snapshot::SharedSnapshot;
@@ -131,10 +132,11 @@ impl EdgeServer {
             certs.iter().flatten().cloned().collect(),
         );
 
-        let mut proxy = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            EdgeProxy::new(rt.clone()),
-            "llm-edge proxy",
+        let edge = EdgeProxy::new(rt.clone());
+        let pingora_proxy = pingora::proxy::http_proxy(&server.configuration, edge.clone());
+        let mut proxy = pingora::services::listening::Service::new(
+            "llm-edge proxy".to_string(),
+            EdgeApp::new(edge, pingora_proxy),
         );
         for (l, cert) in listen.iter().zip(certs) {
             crate::listeners::add(&mut proxy, l, cert);

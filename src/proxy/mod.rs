@@ -4,6 +4,7 @@
 pub mod api_call;
 pub mod ctx;
 pub mod forward;
+pub mod front;
 pub mod gate;
 pub mod headers;
 pub mod logging;
@@ -12,10 +13,11 @@ pub mod respond;
 
 use crate::error::EdgeError;
 use crate::observe::metrics::RequestKind;
-use crate::route::api::{self, ApiPath};
+use crate::route::api::{self, ApiEndpoint, ApiPath};
 use crate::route::slug;
 use crate::runtime::Runtime;
 use crate::security::cors;
+use crate::snapshot::Snapshot;
 use crate::upstream::connector::UpstreamConnector;
 use async_trait::async_trait;
 use ctx::RequestCtx;
@@ -25,7 +27,8 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::sync::Arc;
 
-/// The proxy service.
+/// The proxy service. Clones share the runtime and the connection pool.
+#[derive(Clone)]
 pub struct EdgeProxy {
     rt: Arc<Runtime>,
     connector: Arc<UpstreamConnector>,
@@ -65,28 +68,16 @@ async fn answer(
     Ok(true)
 }
 
-#[async_trait]
-impl ProxyHttp for EdgeProxy {
-    // Boxed: Pingora keeps the context inline in its per-request futures, several copies
-    // deep, so its size is paid per open stream on every route; a box costs 8 bytes there.
-    type CTX = Box<RequestCtx>;
-
-    fn new_ctx(&self) -> Self::CTX {
-        Box::new(RequestCtx::new())
-    }
-
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
-        // None: llm-edge never compresses a response (API call bodies are observed, pass-through
-        // bodies go as the upstream sent them). Pingora's default is a disabled compression
-        // module, whose context every request still builds and consults.
-    }
-
-    async fn request_filter(
+impl EdgeProxy {
+    /// The request phase of every request: admission, limits, CORS, routing, then the answer
+    /// (API calls, the model list, errors and small pass-through requests) or `Ok(false)` for
+    /// Pingora's proxy path. `snap` is the configuration the whole request is judged by.
+    pub(crate) async fn handle(
         &self,
         session: &mut Session,
-        ctx: &mut Self::CTX,
+        ctx: &mut RequestCtx,
+        snap: Arc<Snapshot>,
     ) -> pingora::Result<bool> {
-        let snap = self.rt.state.load_full();
         ctx.snapshot = Some(snap.clone());
         ctx.gauges.0 = Some(self.rt.metrics.request_guard());
         ctx.request_id = gate::request_id(session.req_header());
@@ -138,8 +129,8 @@ impl ProxyHttp for EdgeProxy {
             None => path.clone(),
         };
         let method = session.req_header().method.clone();
-        let result = match api::classify(&path) {
-            ApiPath::Call(endpoint) if method == http::Method::POST => {
+        let result = match target(&snap, &path, &method) {
+            Target::Call(endpoint) => {
                 ctx.kind = RequestKind::Api;
                 // Boxed: the API-call future is large, and Pingora moves the request future
                 // around; a pointer is cheaper to move (memmove showed in profiles).
@@ -157,7 +148,7 @@ impl ProxyHttp for EdgeProxy {
                 ctx.path_meta = Some(meta);
                 r
             }
-            ApiPath::ListModels if method == http::Method::GET => {
+            Target::Models => {
                 ctx.kind = RequestKind::Models;
                 ctx.path_meta = Some(meta);
                 ctx.status = 200;
@@ -170,11 +161,11 @@ impl ProxyHttp for EdgeProxy {
                 .await?;
                 return Ok(true);
             }
-            ApiPath::Call(_) | ApiPath::ListModels if snap.routes.route(&path).is_none() => {
+            Target::WrongMethod => {
                 ctx.path_meta = Some(meta);
                 Err(EdgeError::MethodNotAllowed(method.to_string()))
             }
-            _ => match passthrough::plan(&snap, &path_and_query) {
+            Target::Other => match passthrough::plan(&snap, &path_and_query) {
                 Some(pt) => {
                     ctx.kind = RequestKind::Passthrough;
                     ctx.upstream = Some(pt.upstream.cfg.name.clone());
@@ -226,6 +217,75 @@ impl ProxyHttp for EdgeProxy {
                 answer(session, ctx, &e).await
             }
         }
+    }
+}
+
+/// How [`EdgeProxy::handle`] answers a request, from its path (metadata stripped) and method.
+enum Target {
+    /// An API call.
+    Call(ApiEndpoint),
+    /// The model list.
+    Models,
+    /// An API path with a method it does not take, and no pass-through route for it.
+    WrongMethod,
+    /// A pass-through route, or no route at all.
+    Other,
+}
+
+fn target(snap: &Snapshot, path: &str, method: &http::Method) -> Target {
+    match api::classify(path) {
+        ApiPath::Call(endpoint) if method == http::Method::POST => Target::Call(endpoint),
+        ApiPath::ListModels if method == http::Method::GET => Target::Models,
+        ApiPath::Call(_) | ApiPath::ListModels if snap.routes.route(path).is_none() => {
+            Target::WrongMethod
+        }
+        _ => Target::Other,
+    }
+}
+
+/// Whether an HTTP/1 request takes Pingora's proxy path from its first byte: CONNECT (which
+/// Pingora refuses), and pass-through requests the forwarder cannot take (large or chunked
+/// uploads, `Expect`, upgrades). [`front`] answers everything else through
+/// [`EdgeProxy::handle`] directly. Judged on the snapshot `handle` then uses, so the two agree.
+pub(crate) fn takes_pingora_path(snap: &Snapshot, req: &RequestHeader) -> bool {
+    if req.method == http::Method::CONNECT {
+        return true;
+    }
+    if passthrough::fits_forwarder(req, false) {
+        return false;
+    }
+    // A bad slug is answered by `handle`, as is every other error.
+    let Ok(meta) = slug::extract(req.uri.path(), snap.cfg.limits.max_slug) else {
+        return false;
+    };
+    match target(snap, &meta.path, &req.method) {
+        Target::Other => passthrough::plan(snap, &meta.path).is_some(),
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    // Boxed: Pingora keeps the context inline in its per-request futures, several copies
+    // deep, so its size is paid per open stream on every route; a box costs 8 bytes there.
+    type CTX = Box<RequestCtx>;
+
+    fn new_ctx(&self) -> Self::CTX {
+        Box::new(RequestCtx::new())
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // None: llm-edge never compresses a response (API call bodies are observed, pass-through
+        // bodies go as the upstream sent them). Pingora's default is a disabled compression
+        // module, whose context every request still builds and consults.
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<bool> {
+        self.handle(session, ctx, self.rt.state.load_full()).await
     }
 
     async fn upstream_peer(
