@@ -52,11 +52,17 @@ enum Head {
     Gone,
 }
 
-/// Where the head in `buf` ends (one past its empty line), searching from `from`. Bare LF
-/// line ends count, as Pingora's parser (httparse) accepts them. Hot path: one `memchr`
-/// pass over the head.
+/// Where the head in `buf` ends (one past its empty line), searching from `from`. As in
+/// Pingora's parser (httparse), bare LF line ends count and empty lines before the request
+/// line do not end a head: the parser must find the whole head in what is handed to it, or
+/// it reads the socket, and bytes it reads would be missing if the request then went to
+/// Pingora's proxy. Hot path: one `memchr` pass over the head.
 pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut at = from;
+    let lead = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let mut at = from.max(lead);
     while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
         let nl = at + i;
         match &buf[nl + 1..] {
@@ -260,6 +266,15 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0), None);
         assert_eq!(head_end(b"", 0), None);
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_are_not_a_head() {
+        assert_eq!(head_end(b"\r\n\r\n", 0), None);
+        assert_eq!(head_end(b"\n\n\r\n", 0), None);
+        let h = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(head_end(h, 0), Some(h.len()));
+        assert_eq!(head_end(b"\r\nGET / HTTP/1.1\r\n", 0), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,6 +105,25 @@ impl ShutdownSignalWatch for StopWatch {
     }
 }
 
+/// The shutdown signal of a [`Proxy`]: fast, unless the test began a graceful one.
+struct ProxyStop {
+    rx: watch::Receiver<bool>,
+    graceful: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for ProxyStop {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.rx.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+        if self.graceful.load(Ordering::SeqCst) {
+            ShutdownSignal::GracefulTerminate
+        } else {
+            ShutdownSignal::FastShutdown
+        }
+    }
+}
+
 /// Whether `yaml` sets the top-level key `key`.
 pub fn has_key(yaml: &str, key: &str) -> bool {
     yaml.lines().any(|l| {
@@ -131,6 +150,7 @@ pub struct Proxy {
     addr: SocketAddr,
     admin: SocketAddr,
     stop: watch::Sender<bool>,
+    graceful: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     files: Vec<PathBuf>,
 }
@@ -138,7 +158,8 @@ pub struct Proxy {
 impl Proxy {
     /// Starts llm-edge with `yaml` (upstreams, models, routes, limits...). The harness adds
     /// `listen` on a free port and a `server` section (2 threads, no grace period, per-test
-    /// pid file and upgrade socket), so `yaml` must not contain those two keys.
+    /// pid file and upgrade socket), so `yaml` must not contain those two keys, and a
+    /// `shutdown: {grace_period: 0s}` unless `yaml` has a `shutdown` section.
     pub fn start(yaml: &str) -> Self {
         Self::start_with_env(yaml, &[])
     }
@@ -164,9 +185,10 @@ impl Proxy {
         let pid_file = temp_path("pid");
         let upgrade_sock = temp_path("upgrade.sock");
         let text = format!(
-            "listen: [\"127.0.0.1:{port}\"]\nserver: {{threads: 2, pid_file: {:?}, upgrade_sock: {:?}}}\nshutdown: {{grace_period: 0s}}\n{}{}{yaml}",
+            "listen: [\"127.0.0.1:{port}\"]\nserver: {{threads: 2, pid_file: {:?}, upgrade_sock: {:?}}}\n{}{}{}{yaml}",
             pid_file.display().to_string(),
             upgrade_sock.display().to_string(),
+            if has_key(yaml, "shutdown") { "" } else { "shutdown: {grace_period: 0s}\n" },
             if has_key(yaml, "auth") { String::new() } else { "auth: {mode: open}\n".to_string() },
             if has_key(yaml, "admin") { String::new() } else { format!("admin: {{listen: \"127.0.0.1:{admin_port}\"}}\n") },
         );
@@ -178,6 +200,11 @@ impl Proxy {
         let cfg = llm_edge::config::from_yaml_str(&text, &|name| env.get(name).cloned())
             .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
         let (stop, rx) = watch::channel(false);
+        let graceful = Arc::new(AtomicBool::new(false));
+        let signal = ProxyStop {
+            rx,
+            graceful: graceful.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("llm-edge-{port}"))
             .spawn(move || {
@@ -186,7 +213,7 @@ impl Proxy {
                     None => EdgeServer::build(cfg, RunOptions::default()),
                 };
                 server.run(RunArgs {
-                    shutdown_signal: Box::new(StopWatch(rx)),
+                    shutdown_signal: Box::new(signal),
                 });
             })
             .expect("spawn the proxy thread");
@@ -195,6 +222,7 @@ impl Proxy {
             addr,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             stop,
+            graceful,
             thread: Some(thread),
             files: vec![pid_file, upgrade_sock],
         };
@@ -219,6 +247,13 @@ impl Proxy {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Starts a graceful shutdown (what SIGTERM does) and returns at once; dropping the proxy
+    /// then waits for it to end.
+    pub fn begin_graceful_shutdown(&self) {
+        self.graceful.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(true);
     }
 
     /// The proxy's address.
