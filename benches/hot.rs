@@ -505,6 +505,24 @@ fn bench_upstream_response(c: &mut Criterion) {
     g.finish();
 }
 
+/// The front door's search for the end of a request head (once per read of a head).
+fn bench_front(c: &mut Criterion) {
+    use llm_edge::proxy::front::head_end;
+    let mut g = c.benchmark_group("front");
+    // An S1-shaped request as it arrives: the head and a 300-byte body in one read.
+    let mut raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge.example\r\nAuthorization: Bearer sk-client\r\nContent-Type: application/json\r\nContent-Length: 300\r\nUser-Agent: openai-python/1.50.0\r\nAccept: application/json\r\n\r\n".to_vec();
+    let head_len = raw.len();
+    raw.extend(std::iter::repeat_n(b'x', 300));
+    g.bench_function("head_end", |b| {
+        b.iter(|| {
+            let end = head_end(black_box(&raw), 0);
+            debug_assert_eq!(end, Some(head_len));
+            end
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_paths,
@@ -514,6 +532,7 @@ criterion_group!(
     bench_usage_scan,
     bench_request_headers,
     bench_idle_pool,
-    bench_upstream_response
+    bench_upstream_response,
+    bench_front
 );
 criterion_main!(benches);
