@@ -13,6 +13,7 @@ mod common;
 
 use common::harness::Proxy;
 use common::mock::{Mock, Recorded, Reply};
+use common::raw::{read_response, RawResponse};
 use common::{assert_error, assert_error_shape, client, wait_logged, within};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,125 +102,10 @@ async fn connect(proxy: &Proxy) -> TcpStream {
 // Reading responses off a raw connection.
 // ---------------------------------------------------------------------------------------------
 
-/// A response read off a raw client connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    /// Names lower-cased, in order.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("utf-8 body")
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("the body is not JSON ({e}): {self:?}"))
-    }
-}
-
-/// Reads more bytes from `conn` into `buf`; panics if the proxy closed the connection.
-async fn fill(conn: &mut TcpStream, buf: &mut Vec<u8>, what: &str) {
-    let mut chunk = [0u8; 16384];
-    let n = within(EXCHANGE, what, conn.read(&mut chunk))
-        .await
-        .expect("reading from the proxy");
-    assert!(
-        n > 0,
-        "the proxy closed the connection while {what}: {:?}",
-        String::from_utf8_lossy(buf)
-    );
-    buf.extend_from_slice(&chunk[..n]);
-}
-
-/// Takes the next CRLF-terminated line out of `buf`, reading more as needed.
-async fn take_line(conn: &mut TcpStream, buf: &mut Vec<u8>) -> String {
-    loop {
-        if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
-            let line = String::from_utf8(buf[..at].to_vec()).expect("ascii line");
-            buf.drain(..at + 2);
-            return line;
-        }
-        fill(conn, buf, "reading a chunk line").await;
-    }
-}
-
-/// Reads one response: the head, then the body framed by `Content-Length` or chunked
-/// encoding. Bytes beyond the response stay in `buf`.
-async fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> RawResponse {
-    let head_end = loop {
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        fill(conn, buf, "reading a response head").await;
-    };
-    let head = String::from_utf8(buf[..head_end].to_vec()).expect("ascii head");
-    buf.drain(..head_end);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status: u16 = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP/1.1 status line: {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (n, v) = l.split_once(':').expect("header line");
-            (n.trim().to_ascii_lowercase(), v.trim().to_string())
-        })
-        .collect();
-    let mut resp = RawResponse {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    if status < 200 || status == 204 || status == 304 {
-        return resp;
-    }
-    if resp.header("transfer-encoding") == Some("chunked") {
-        loop {
-            let size_line = take_line(conn, buf).await;
-            let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
-            if size == 0 {
-                while !take_line(conn, buf).await.is_empty() {}
-                return resp;
-            }
-            while buf.len() < size + 2 {
-                fill(conn, buf, "reading a chunk").await;
-            }
-            resp.body.extend_from_slice(&buf[..size]);
-            assert_eq!(&buf[size..size + 2], b"\r\n", "chunk data ends with CRLF");
-            buf.drain(..size + 2);
-        }
-    }
-    let len: usize = resp
-        .header("content-length")
-        .unwrap_or_else(|| panic!("a response without framing: {resp:?}"))
-        .parse()
-        .expect("numeric content-length");
-    while buf.len() < len {
-        fill(conn, buf, "reading a body").await;
-    }
-    resp.body = buf.drain(..len).collect();
-    resp
-}
-
 /// Reads one response that must leave the connection open for the next request: nothing
 /// follows it, and it does not say `Connection: close`.
 async fn read_kept_response(conn: &mut TcpStream, buf: &mut Vec<u8>, what: &str) -> RawResponse {
-    let resp = read_response(conn, buf).await;
+    let resp = read_response(conn, buf, false).await;
     assert!(
         buf.is_empty(),
         "{what}: bytes after the response: {:?}",
@@ -267,6 +153,21 @@ async fn assert_still_open(conn: &mut TcpStream, what: &str) {
         ),
         Ok(Err(e)) => panic!("{what}: the connection failed: {e}"),
     }
+}
+
+/// Reads what the proxy sends on `conn` until it closes it, and checks that it was one
+/// Pingora-made refusal: a head saying `Connection: close`, and no body. Returns the status and
+/// the head (lower-cased).
+async fn read_refusal(conn: &mut TcpStream, what: &str) -> (u16, String) {
+    let raw = read_until_close(conn, EXCHANGE, what).await;
+    let (status, head, body) = parse_closing_response(&raw);
+    assert!(head.contains("\r\nconnection: close"), "{what}: {head}");
+    assert!(
+        body.is_empty(),
+        "{what}: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    (status, head)
 }
 
 /// Splits a response the proxy sent before closing into its status, head (lower-cased) and body.
@@ -592,7 +493,7 @@ async fn a_head_over_max_header_bytes_is_431_on_both_paths() {
     let mut conn = connect(&proxy).await;
     send_padded_chat(&mut conn, 20 * 1024, &chat_body("20 KiB")).await;
     let mut buf = Vec::new();
-    let resp = read_response(&mut conn, &mut buf).await;
+    let resp = read_response(&mut conn, &mut buf, false).await;
     assert_eq!(resp.status, 431, "{resp:?}");
     assert_eq!(resp.header("content-type"), Some("application/json"));
     assert_error_shape(&resp.json(), "headers_too_large");
@@ -618,12 +519,9 @@ async fn garbage_gets_a_400_and_a_close() {
 
     let mut conn = connect(&proxy).await;
     conn.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
-    let raw = read_until_close(&mut conn, EXCHANGE, "garbage").await;
-    let (status, head, body) = parse_closing_response(&raw);
-    assert_eq!(status, 400, "{:?}", String::from_utf8_lossy(&raw));
-    assert!(head.contains("\r\nconnection: close"), "{head}");
+    let (status, head) = read_refusal(&mut conn, "garbage").await;
+    assert_eq!(status, 400, "{head}");
     assert!(head.contains("\r\ncontent-length: 0"), "{head}");
-    assert!(body.is_empty(), "{:?}", String::from_utf8_lossy(&raw));
     assert_eq!(mock.accepted(), 0);
 
     assert_chat_served(&proxy, &mock, "after the garbage").await;
@@ -677,11 +575,8 @@ async fn connect_is_405() {
     conn.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
         .await
         .unwrap();
-    let raw = read_until_close(&mut conn, EXCHANGE, "CONNECT").await;
-    let (status, head, body) = parse_closing_response(&raw);
-    assert_eq!(status, 405, "{:?}", String::from_utf8_lossy(&raw));
-    assert!(head.contains("\r\nconnection: close"), "{head}");
-    assert!(body.is_empty(), "{:?}", String::from_utf8_lossy(&raw));
+    let (status, head) = read_refusal(&mut conn, "CONNECT").await;
+    assert_eq!(status, 405, "{head}");
     assert_eq!(mock.accepted(), 0);
     assert!(mock.requests().is_empty());
 }
@@ -710,7 +605,7 @@ async fn empty_lines_before_a_request_line_are_skipped_on_both_paths() {
     req.extend_from_slice(&upload);
     conn.write_all(&req).await.unwrap();
     let mut buf = Vec::new();
-    let resp = read_response(&mut conn, &mut buf).await;
+    let resp = read_response(&mut conn, &mut buf, false).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(
         resp.text(),

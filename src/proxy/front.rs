@@ -103,6 +103,14 @@ async fn read_onto(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<u
     .await
 }
 
+/// Readies a new HTTP/1 session to parse `read`, the bytes already read from its connection.
+fn prime(session: &mut ServerSession, read: BytesMut, keepalive: Option<u64>) {
+    if let ServerSession::H1(h1) = session {
+        h1.set_pipelined_prefix(read);
+    }
+    session.set_keepalive(keepalive);
+}
+
 impl EdgeApp {
     /// The front for `edge`; `proxy` is Pingora's proxy over the same `EdgeProxy`.
     pub fn new(edge: EdgeProxy, proxy: HttpProxy<EdgeProxy>) -> Self {
@@ -165,10 +173,7 @@ impl EdgeApp {
         shutdown: &ShutdownWatch,
     ) -> Option<(Stream, BytesMut)> {
         let mut session = ServerSession::new_http1(stream);
-        if let ServerSession::H1(h1) = &mut session {
-            h1.set_pipelined_prefix(read);
-        }
-        session.set_keepalive(self.keepalive(shutdown));
+        prime(&mut session, read, self.keepalive(shutdown));
         let reused = self.proxy.process_new_http(session, shutdown).await?;
         // Pingora keeps pipelining off, so nothing read past the request comes back.
         let (stream, _settings) = reused.consume();
@@ -187,10 +192,7 @@ impl EdgeApp {
         let copy = BytesMut::from(&read[..]);
         let mut session = Session::new_h1(stream);
         let down = session.as_downstream_mut();
-        if let ServerSession::H1(h1) = down {
-            h1.set_pipelined_prefix(read);
-        }
-        down.set_keepalive(self.keepalive(shutdown));
+        prime(down, read, self.keepalive(shutdown));
         // The head is all in the prefix: this parses without reading the socket.
         let parsed = matches!(down.read_request().await, Ok(true));
         let snap = self.edge.rt.state.load_full();

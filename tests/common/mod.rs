@@ -8,6 +8,7 @@ pub mod dns;
 pub mod harness;
 pub mod logs;
 pub mod mock;
+pub mod raw;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
