@@ -209,9 +209,10 @@ impl EdgeApp {
             session.set_keepalive(None);
         }
         let mut ctx = self.edge.new_ctx();
-        let outcome = match self.edge.handle(&mut session, &mut ctx, snap).await {
+        let outcome = match self.edge.handle(&mut session, &mut ctx, snap, true).await {
             Ok(true) => None,
-            // `takes_pingora_path` said the forwarder takes it, on the same snapshot.
+            // Only a pass-through request that does not fit the forwarder gives this, and
+            // `takes_pingora_path` sent those to Pingora's proxy, on the same snapshot.
             Ok(false) => Some(Error::explain(
                 ErrorType::InternalError,
                 "a request for Pingora's proxy path reached the front",

@@ -72,11 +72,14 @@ impl EdgeProxy {
     /// The request phase of every request: admission, limits, CORS, routing, then the answer
     /// (API calls, the model list, errors and small pass-through requests) or `Ok(false)` for
     /// Pingora's proxy path. `snap` is the configuration the whole request is judged by.
+    /// `judged`: the front door already found, by [`takes_pingora_path`], that a pass-through
+    /// request fits the forwarder (so the header checks are not run twice per request).
     pub(crate) async fn handle(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         snap: Arc<Snapshot>,
+        judged: bool,
     ) -> pingora::Result<bool> {
         ctx.snapshot = Some(snap.clone());
         ctx.gauges.0 = Some(self.rt.metrics.request_guard());
@@ -170,7 +173,9 @@ impl EdgeProxy {
                     ctx.kind = RequestKind::Passthrough;
                     ctx.upstream = Some(pt.upstream.cfg.name.clone());
                     ctx.path_meta = Some(meta);
-                    if !passthrough::fits_forwarder(session.req_header(), session.is_http2()) {
+                    if !judged
+                        && !passthrough::fits_forwarder(session.req_header(), session.is_http2())
+                    {
                         ctx.pass_through = Some(pt);
                         return Ok(false);
                     }
@@ -285,7 +290,8 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
-        self.handle(session, ctx, self.rt.state.load_full()).await
+        self.handle(session, ctx, self.rt.state.load_full(), false)
+            .await
     }
 
     async fn upstream_peer(
